@@ -1,0 +1,114 @@
+"""Sequential reference sampler: DDIM with the (etw, nw) split plus DDNM range/null-space rectification.
+
+This is the chain whose joint fixed point the DEQ sampler solves (deqir-spec §2); it is the ground truth
+for every DEQ test. Randomness comes in as tensors (``x_T``, ``z``) drawn by :func:`draw_chain_noise`
+from per-image generators, so results never depend on the batch composition.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deqir.diffusion.chain import ChainCoefficients
+from deqir.diffusion.protocols import EpsModel, LinearOperator
+
+
+@dataclass
+class SequentialStats:
+    nfe: int  # model image-evaluations (B * T)
+    steps: int
+
+
+def draw_chain_noise(
+    shape: Sequence[int],
+    num_steps: int,
+    generators: Sequence[torch.Generator],
+    per_step_noise: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Per-image x_T (B, C, H, W) and noise z (B, T or 1, C, H, W), one generator per image.
+
+    Each image's draws depend only on its own generator: x_T first, then z (one image shared by all
+    steps, as the official DeqIR, or T fresh images with ``per_step_noise``). Drawn on the CPU in float32
+    and moved, so the values do not depend on the device either.
+    """
+    if len(generators) != shape[0]:
+        raise ValueError(f"need one generator per image: got {len(generators)} for batch {shape[0]}")
+    img = tuple(shape[1:])
+    n_z = num_steps if per_step_noise else 1
+    xs, zs = [], []
+    for g in generators:
+        xs.append(torch.randn(img, generator=g, dtype=torch.float32))
+        zs.append(torch.randn((n_z, *img), generator=g, dtype=torch.float32))
+    to = dict(dtype=dtype, device=device)
+    return torch.stack(xs).to(**to), torch.stack(zs).to(**to)
+
+
+def rectify(x0: Tensor, lam: float, operator: LinearOperator | None, pinv_y: Tensor | None) -> Tensor:
+    """x0 - lam A^+(A x0 - y) = x0 - lam (P x0 - A^+ y); identity without an operator."""
+    if operator is None:
+        return x0
+    return x0 - lam * (operator.A_pinv(operator.A(x0)) - pinv_y)
+
+
+@torch.no_grad()
+def sample_sequential(
+    model: EpsModel,
+    coeffs: ChainCoefficients,
+    x_T: Tensor,
+    *,
+    operator: LinearOperator | None = None,
+    y: Tensor | None = None,
+    z: Tensor | None = None,
+    callback: Callable[[dict], None] | None = None,
+    return_trajectory: bool = False,
+) -> tuple[Tensor, SequentialStats] | tuple[Tensor, SequentialStats, Tensor]:
+    """Run the T-step chain from x_T (B, C, H, W); returns x0 (B, C, H, W) and stats.
+
+    Args:
+        operator, y: degradation and measurement (B, ...); without them the chain is plain DDIM.
+        z: noise (B, T or 1, C, H, W) for the c1 term (needed only when some c1 > 0).
+        callback: called after every step with {"j", "t", "x", "x0_hat", "eps"}.
+        return_trajectory: also return all T states (B, T, C, H, W) (the outputs of steps 0..T-1).
+    """
+    return _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory)
+
+
+def sample_sequential_with_grad(model, coeffs, x_T, *, operator=None, y=None, z=None, return_trajectory=False):
+    """Same chain with autograd enabled (reference for gradient checks; memory grows with T)."""
+    return _run_chain(model, coeffs, x_T, operator, y, z, None, return_trajectory)
+
+
+def _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory):
+    if (operator is None) != (y is None):
+        raise ValueError("operator and y must be given together")
+    T = len(coeffs)
+    if bool((coeffs.c1 > 0).any()) and z is None:
+        raise ValueError("the chain has a noise term (nw > 0): pass z")
+    pinv_y = operator.A_pinv(y) if operator is not None else None
+    dt = x_T.dtype
+    x = x_T
+    traj = []
+    for j in range(T):
+        t = torch.full((x.shape[0],), int(coeffs.t[j]), device=x.device, dtype=torch.long)
+        eps = model(x, t)
+        a, a_next = float(coeffs.a[j]), float(coeffs.a_next[j])
+        x0_hat = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        x0_tilde = rectify(x0_hat, float(coeffs.lam[j]), operator, pinv_y)
+        x_new = a_next**0.5 * x0_tilde + float(coeffs.c2[j]) * eps
+        if float(coeffs.c1[j]) != 0.0:
+            zj = z[:, j] if z.shape[1] == T else z[:, 0]
+            x_new = x_new + float(coeffs.c1[j]) * zj
+        x = x_new.to(dt)
+        if callback is not None:
+            callback({"j": j, "t": int(coeffs.t[j]), "x": x, "x0_hat": x0_hat, "eps": eps})
+        if return_trajectory:
+            traj.append(x)
+    stats = SequentialStats(nfe=x_T.shape[0] * T, steps=T)
+    if return_trajectory:
+        return x, stats, torch.stack(traj, dim=1)
+    return x, stats
