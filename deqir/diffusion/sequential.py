@@ -72,7 +72,7 @@ def sample_sequential(
     Args:
         operator, y: degradation and measurement (B, ...); without them the chain is plain DDIM.
         z: noise (B, T or 1, C, H, W) for the c1 term (needed only when some c1 > 0).
-        callback: called after every step with {"j", "t", "x", "x0_hat", "eps"}.
+        callback: called after every step with {"j", "t", "x", "x0_hat", "x0_tilde", "eps"}.
         return_trajectory: also return all T states (B, T, C, H, W) (the outputs of steps 0..T-1).
     """
     return _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory)
@@ -105,7 +105,7 @@ def _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory):
             x_new = x_new + float(coeffs.c1[j]) * zj
         x = x_new.to(dt)
         if callback is not None:
-            callback({"j": j, "t": int(coeffs.t[j]), "x": x, "x0_hat": x0_hat, "eps": eps})
+            callback({"j": j, "t": int(coeffs.t[j]), "x": x, "x0_hat": x0_hat, "x0_tilde": x0_tilde, "eps": eps})
         if return_trajectory:
             traj.append(x)
     stats = SequentialStats(nfe=x_T.shape[0] * T, steps=T)

@@ -1,0 +1,207 @@
+"""The joint fixed-point map of the whole T-step restoration chain (deqir-spec §3, generalised).
+
+State X (B, T, C, H, W): X[:, j] is the output of step j (the state at time t'_j; X[:, T-1] is x0).
+One evaluation runs the eps-model once on all B*T slots (micro-batched by ``max_batch``): slot j reads
+x_T for j = 0 and X[:, j-1] otherwise. The explicit part is rebuilt from x_T, A^+ y, the noise and the
+eps predictions, never from X (spec §3: "the null-space content of X is used only through the UNet").
+
+Unrolling the chain of :mod:`deqir.diffusion.chain` with the range projector P = A^+A and N = I - P:
+
+    N x_{j+1} = r_j N x_j + g_j N eps_j + c1_j N z_j
+    P x_{j+1} = r_j (1 - lam_j) P x_j + h_j P eps_j + c1_j P z_j + sqrt(a'_j) lam_j A^+ y
+
+with r_j = sqrt(a'_j / a_j), g_j = c2_j - sqrt(a'_j) e_j, h_j = c2_j - sqrt(a'_j) (1 - lam_j) e_j and
+e_j = sqrt((1 - a_j) / a_j). Because a_j = a'_{j-1}, the null-space products telescope
+(prod_{k=i+1..j} r_k = sqrt(a'_j / a'_i)), giving the cumulative-sum form of the spec:
+
+    N X_j = sqrt(a'_j) [ N x_T / sqrt(a_0) + sum_{i<=j} (g_i N eps_i + c1_i N z_i) / sqrt(a'_i) ]
+
+With lam = 1 (noiseless DDNM, the official chain) the range part has no memory:
+P X_j = c2_j P eps_j + c1_j P z_j + sqrt(a'_j) A^+ y. With lam < 1 (noise-aware) it is the lower-triangular
+product W^P[j, i] = prod_{k=i+1..j} r_k (1 - lam_k), applied as a (T x T) matrix over the slot axis.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from deqir.diffusion.chain import ChainCoefficients
+from deqir.diffusion.protocols import EpsModel, LinearOperator
+
+EpsEvaluator = Callable[[Tensor, Tensor], Tensor]
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """(J,) float64 coefficients -> (1, J, 1, 1, 1) in ``like``'s dtype/device."""
+    return v.to(device=like.device, dtype=like.dtype).view(1, -1, *([1] * (like.ndim - 2)))
+
+
+def evaluate_in_chunks(model: EpsModel, x: Tensor, t: Tensor, max_batch: int | None) -> Tensor:
+    """eps = model(x, t) for (N, C, H, W) in chunks of at most ``max_batch`` images."""
+    if max_batch is None or max_batch >= x.shape[0]:
+        return model(x, t)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1 (or None for no limit), got {max_batch}")
+    return torch.cat([model(x[i : i + max_batch], t[i : i + max_batch]) for i in range(0, x.shape[0], max_batch)])
+
+
+class ChainMap:
+    """F(X) for the T-step chain; implements the solvers' ``TriangularMap`` protocol.
+
+    Args:
+        model: eps-model, ``eps = model(x, t)``.
+        coeffs: chain coefficients (T steps).
+        x_T: (B, C, H, W) initial noise, fixed input of the map (gradients w.r.t. it flow through the
+            explicit part when it requires grad).
+        operator, y: degradation and measurements (B, ...); none for unconditional sampling.
+        z: (B, T or 1, C, H, W) noise for the c1 term (shared image or one per step).
+        max_batch: largest number of images per model call (results do not depend on it).
+        eps_evaluator: optional replacement for the model call, ``(x (N,C,H,W), t (N,)) -> eps`` — e.g. a
+            distributed evaluator that splits the slots across ranks and all-gathers.
+    """
+
+    def __init__(
+        self,
+        model: EpsModel,
+        coeffs: ChainCoefficients,
+        x_T: Tensor,
+        *,
+        operator: LinearOperator | None = None,
+        y: Tensor | None = None,
+        z: Tensor | None = None,
+        max_batch: int | None = None,
+        eps_evaluator: EpsEvaluator | None = None,
+    ):
+        if (operator is None) != (y is None):
+            raise ValueError("operator and y must be given together")
+        T = len(coeffs)
+        if bool((coeffs.c1 > 0).any()) and z is None:
+            raise ValueError("the chain has a noise term (nw > 0): pass z")
+        if z is not None and (z.ndim != x_T.ndim + 1 or z.shape[1] not in (1, T)):
+            raise ValueError(f"z must have shape (B, {T} or 1, C, H, W), got {tuple(z.shape)}")
+        self.model, self.coeffs, self.x_T = model, coeffs, x_T
+        self.operator, self.max_batch = operator, max_batch
+        self.num_slots = T
+        self.eps_evaluator = eps_evaluator or (lambda x, t: evaluate_in_chunks(model, x, t, max_batch))
+
+        ref = x_T.unsqueeze(1)  # (B, 1, C, H, W), dtype/device reference
+        self.sqrt_an = _bcast(torch.sqrt(coeffs.a_next), ref)
+        e = coeffs.x0_eps
+        sqrt_an64 = torch.sqrt(coeffs.a_next)
+        g = coeffs.c2 - sqrt_an64 * e
+        h = coeffs.c2 - sqrt_an64 * (1 - coeffs.lam) * e
+        self.g_over = _bcast(g / sqrt_an64, ref)  # null-space eps weights inside the cumsum
+        self.h = _bcast(h, ref)
+        self.hard = bool((coeffs.lam == 1).all())
+        if not self.hard:
+            rho = torch.sqrt(coeffs.a_next / coeffs.a) * (1 - coeffs.lam)
+            self.W_P = _lower_products(rho)  # (T, T) float64, W[j, i] = prod_{k=i+1..j} rho_k
+            self.W0_P = torch.cumprod(rho, 0)  # (T,)
+        self.t_all = coeffs.t.to(x_T.device)
+        self._build_constants(x_T, y, z)
+
+    # -- constant (eps-independent) part -------------------------------------------------------
+    def _build_constants(self, x_T: Tensor, y: Tensor | None, z: Tensor | None) -> None:
+        co, T = self.coeffs, self.num_slots
+        op = self.operator
+        B, img = x_T.shape[0], x_T.shape[1:]
+        ref = x_T.unsqueeze(1)
+        c1 = _bcast(co.c1, ref)
+        a0 = float(co.a[0])
+        if op is not None:
+            self.pinv_y = op.A_pinv(y).to(x_T.dtype)
+            Px_T = op.A_pinv(op.A(x_T))
+            Nx_T = x_T - Px_T
+        else:
+            self.pinv_y, Px_T, Nx_T = None, None, x_T
+        # null space: sqrt(a'_j) [N x_T / sqrt(a_0) + sum_{i<=j} c1_i N z_i / sqrt(a'_i)]
+        const_N = (Nx_T / a0**0.5).unsqueeze(1).expand(B, T, *img)
+        const_P = None
+        if z is not None and bool((co.c1 > 0).any()):
+            zz = z.expand(B, T, *img) if z.shape[1] == 1 else z
+            if op is not None:
+                Pz = self.project(zz)
+                Nz = zz - Pz
+            else:
+                Pz, Nz = None, zz
+            const_N = const_N + torch.cumsum(c1 * Nz / self.sqrt_an, dim=1)
+            if op is not None:
+                const_P = c1 * Pz
+        self.const_N = self.sqrt_an * const_N
+        if op is not None:
+            lam = _bcast(co.lam, ref)
+            u = self.sqrt_an * lam * self.pinv_y.unsqueeze(1)
+            const_P = u if const_P is None else const_P + u
+            if not self.hard:
+                const_P = self._apply_W(const_P) + _bcast(self.W0_P, ref) * Px_T.unsqueeze(1)
+            self.const_P = const_P
+
+    def project(self, v: Tensor) -> Tensor:
+        """A^+A applied to every slot of (B, J, C, H, W)."""
+        B, J = v.shape[:2]
+        return self.operator.A_pinv(self.operator.A(v.reshape(B * J, *v.shape[2:]))).reshape(v.shape)
+
+    def _apply_W(self, u: Tensor) -> Tensor:
+        J = u.shape[1]
+        W = self.W_P[:J, :J].to(device=u.device, dtype=u.dtype)
+        return torch.einsum("ji,bi...->bj...", W, u)
+
+    # -- TriangularMap protocol ----------------------------------------------------------------
+    def slot_inputs(self, X: Tensor, lo: int, hi: int) -> Tensor:
+        """UNet inputs of slots lo..hi-1: x_T for slot 0, X[:, j-1] otherwise. (B, hi-lo, C, H, W)."""
+        parts = []
+        if lo == 0:
+            parts.append(self.x_T.unsqueeze(1))
+            lo_x = 0
+        else:
+            lo_x = lo - 1
+        if hi - 1 > lo_x:
+            parts.append(X[:, lo_x : hi - 1])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def eval_eps(self, X: Tensor, lo: int = 0, hi: int | None = None) -> Tensor:
+        """eps predictions of slots lo..hi-1, (B, hi-lo, C, H, W): one batched model call (chunked)."""
+        hi = self.num_slots if hi is None else hi
+        if not 0 <= lo < hi <= self.num_slots:
+            raise ValueError(f"slot range [{lo}, {hi}) outside [0, {self.num_slots})")
+        Z = self.slot_inputs(X, lo, hi)
+        B, J = Z.shape[:2]
+        t = self.t_all[lo:hi].repeat(B)  # image-major: (b, j) -> b * J + j
+        E = self.eps_evaluator(Z.reshape(B * J, *Z.shape[2:]), t)
+        return E.reshape(B, J, *E.shape[1:]).to(X.dtype)
+
+    def states(self, E: Tensor) -> Tensor:
+        """States of slots 0..J-1 from their eps predictions E (B, J, C, H, W)."""
+        J = E.shape[1]
+        if self.operator is None:
+            NE, PE = E, None
+        else:
+            PE = self.project(E)
+            NE = E - PE
+        X = self.const_N[:, :J] + self.sqrt_an[:, :J] * torch.cumsum(self.g_over[:, :J] * NE, dim=1)
+        if self.operator is not None:
+            P_part = self.h[:, :J] * PE
+            if not self.hard:
+                P_part = self._apply_W(P_part)
+            X = X + self.const_P[:, :J] + P_part
+        return X
+
+    def __call__(self, X: Tensor) -> Tensor:
+        return self.states(self.eval_eps(X, 0, self.num_slots))
+
+    def initial_state(self) -> Tensor:
+        """The paper's initialisation: every slot equal to x_T. (B, T, C, H, W)."""
+        return self.x_T.detach().unsqueeze(1).expand(-1, self.num_slots, *self.x_T.shape[1:]).clone()
+
+
+def _lower_products(rho: Tensor) -> Tensor:
+    """W[j, i] = prod_{k=i+1..j} rho_k for i <= j (1 on the diagonal), 0 above. Float64, robust to rho = 0."""
+    T = rho.numel()
+    W = torch.zeros(T, T, dtype=torch.float64)
+    for i in range(T):
+        W[i, i] = 1.0
+        for j in range(i + 1, T):
+            W[j, i] = W[j - 1, i] * rho[j]
+    return W
