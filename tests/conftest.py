@@ -8,6 +8,8 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tiny tensors: one thread is faster and immune to oversubscription on small shared CI machines.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

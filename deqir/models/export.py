@@ -55,6 +55,11 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
+    if obj is None:
+        return None
+    for kind in (bool, int, float, str):  # exact builtins: subclasses (TorchVersion, numpy scalars) are refused by
+        if isinstance(obj, kind):         # weights_only loading
+            return kind(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _plain(obj.item())
     raise TypeError(f"cannot store {type(obj).__name__} in a deqir model file")
