@@ -50,6 +50,8 @@ def build_logger(cfg_logger: DictConfig | None):
 
 def run_training(cfg: DictConfig) -> Path:
     tune_allocator()
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
