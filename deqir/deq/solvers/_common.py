@@ -141,7 +141,7 @@ class RoundTracker:
         self._append(res, was_active)
         self.rounds += 1
         self.nfe += self.B * self.S
-        self.notify(res, **extra)
+        self.notify(res, last_slot=candidate[:, -1], **extra)
         return self.active
 
     def _append(self, res: Residuals, measured: Tensor) -> None:

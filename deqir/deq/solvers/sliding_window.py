@@ -149,6 +149,7 @@ def sliding_window(
                         "active": ~nonfinite & (prefix < S),
                         "window": (windows[-1][0], hi),
                         "prefix": prefix.clone(),
+                        "last_slot": z[:, -1],
                     }
                 )
 

@@ -1,0 +1,218 @@
+"""The work behind ``invert.py``: build, predict, gather, report (docs/app.md).
+
+``run_invert(cfg)`` is the only function that sees the Hydra config; it converts it to plain values once
+and hands those to :mod:`deqir.lit.builders`. Restored images are written by the prediction writer as soon
+as each batch is done; rank 0 writes the tables, plots and the summary line at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities import rank_zero_only
+
+from deqir.lit import builders, report
+from deqir.lit.datamodule import RestorationDataModule
+from deqir.lit.progress import ImageProgressBar
+from deqir.lit.optimization import InitOptimizationModule, InversionModule
+from deqir.lit.restoration import RestorationError, RestorationModule
+from deqir.lit.writer import RestorationWriter, RunStore
+from deqir.metrics import MetricUnavailableWarning
+from deqir.utils.runtime import tune_allocator
+
+#: ``mode`` -> LightningModule class; every class takes RestorationModule's constructor arguments.
+MODES: dict[str, type[RestorationModule]] = {
+    "restore": RestorationModule, "optimize_init": InitOptimizationModule, "invert": InversionModule,
+}
+#: Errors the CLI reports as one line (``error: ...``, exit status 2) instead of a traceback.
+USER_ERRORS = (ValueError, OSError, RestorationError, ImportError)
+
+
+def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
+    """Restore every image of ``cfg.dataset``; returns the summary on rank 0 (None on other ranks)."""
+    tune_allocator()
+    _quiet(bool(cfg.get("verbose", False)))
+    plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    plain["model"]["dtype"] = builders.resolve_model_dtype(str(plain.get("model_dtype", "model")), plain["model"],
+                                                           str(plain["trainer"].get("accelerator", "auto")))
+    mode = str(plain.get("mode", "restore"))
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode != "restore" and bool(plain["trainer"].get("inference_mode", False)):
+        raise ValueError(f"mode={mode} optimises through the sampler and needs gradients: set "
+                         f"trainer.inference_mode=false (Lightning's inference mode disables autograd)")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    store = RunStore(run_dir)
+    pl.seed_everything(int(plain["seed"]), workers=True, verbose=False)
+
+    task, data, sampler = plain["task"], plain["dataset"], plain["sampler"]
+    shape = builders.image_shape(data)
+    op = builders.build_operator(task, shape)
+    dataset = builders.build_dataset(data, shape, op)
+    model = builders.build_model(plain["model"])
+    builders.check_size(shape, model)
+    sigma_y = float(task.get("sigma_y", 0.0))
+    coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
+    timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
+    module = MODES[mode](
+        model, op, coeffs, sigma_y=sigma_y, seed=int(plain["seed"]),
+        chain=builders.chain_settings(sampler, plain["solver"]),
+        evaluation=builders.eval_settings(plain["eval"], task, has_target=data.get("name") != "real"),
+        timestep_parallel=timestep_parallel,
+        **builders.optimization_kwargs(mode, plain, shape),
+    )
+
+    if rank_zero_only.rank == 0:
+        store.check_signature(builders.signature(plain), resume=bool(plain.get("resume", True)))
+    datamodule = RestorationDataModule(dataset, batch_size=int(plain.get("batch_size", 1)),
+                                       num_workers=int(plain.get("num_workers", 0)),
+                                       done=lambda: store.done_indices(dataset.names),
+                                       sharded=not timestep_parallel)
+    writer = RestorationWriter(store, rank_zero_only=timestep_parallel)
+    task_label = _choice("task", str(task["name"]))
+    todo = datamodule.compute_todo()
+    trainer = None
+    if todo:
+        logger = build_logger(plain.get("logger"), run_dir)
+        trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
+                                callbacks=[writer, ImageProgressBar(datamodule.local_count, desc=task_label)])
+        if logger:
+            rank_zero_only(logger.log_hyperparams)(plain)
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        if not trainer.is_global_zero:
+            return None
+    elif rank_zero_only.rank != 0:
+        return None
+    return finalize(plain, store, writer, trainer, task_label, dataset.names)
+
+
+def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, trainer: pl.Trainer | None,
+             task_label: str, names: list[str]) -> dict[str, Any]:
+    """Rank 0: merge rows (this run's, gathered across ranks, and earlier runs' from disk), write the reports."""
+    merged = {int(r["index"]): r for r in store.load_records()}
+    merged.update({int(r["index"]): r for r in writer.gathered})
+    records = [merged[k] for k in sorted(merged) if k < len(names) and merged[k]["name"] == names[k]]
+    store.write_table(records)
+    summary = report.summarize(records)
+    ev = plain["eval"]
+    fid = None
+    if ev.get("fid") and plain["dataset"].get("name") != "real":
+        fid = report.fid_from_files(store, records, ev.get("fid_weights"), device=_device(trainer))
+        if fid is not None:
+            summary["fid"] = fid
+    sampler = str(plain["sampler"].get("name", "deq"))
+    summary.update(task=task_label, operator=str(plain["task"]["name"]), sampler=sampler,
+                   solver=None if sampler == "sequential" else str(plain["solver"]["name"]),
+                   timesteps=int(plain["sampler"]["timesteps"]), model=str(plain["model"].get("name")),
+                   lpips_net=ev.get("lpips") if "lpips" in summary else None)
+    report.write_metrics(store, summary)
+    report.write_grid(store, records)
+    conv = report.write_convergence(store, records, stop_mode=str(plain["solver"].get("stop_mode", "rel")))
+    if trainer is not None and trainer.logger:
+        log_results(trainer.logger, store, records, summary, conv)
+    print(report.summary_line(task_label, sampler, summary, store.root, fid), flush=True)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def build_trainer(tr: dict[str, Any], run_dir: Path, logger, timestep_parallel: bool, callbacks: list) -> pl.Trainer:
+    """A predict-only Trainer from the plain ``trainer/`` keys."""
+    plugins = []
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=bool(tr.get("slurm_auto_requeue", False))))
+    return pl.Trainer(
+        accelerator=tr.get("accelerator", "auto"), devices=tr.get("devices", 1), num_nodes=int(tr.get("num_nodes", 1)),
+        strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"),
+        inference_mode=bool(tr.get("inference_mode", False)), deterministic=tr.get("deterministic", False),
+        benchmark=tr.get("benchmark"), logger=logger or False, callbacks=callbacks, enable_progress_bar=True,
+        enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=not timestep_parallel,
+        default_root_dir=str(run_dir), plugins=plugins or None,
+    )
+
+
+def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
+    """Instantiate ``logger/`` (None/empty = no logger). W&B runs keep their id in the run directory."""
+    if not logger_cfg or "_target_" not in logger_cfg:
+        return None
+    cfg = dict(logger_cfg)
+    is_wandb = cfg["_target_"].endswith("WandbLogger")
+    if is_wandb and os.environ.get("WANDB_MODE", "").lower() in ("online", "run"):
+        cfg["offline"] = False  # the logger would otherwise force WANDB_MODE=dryrun
+    if is_wandb and not os.environ.get("WANDB_RUN_ID") and cfg.get("id") is None:
+        id_file = run_dir / "wandb_id.txt"
+        if id_file.is_file():
+            cfg["id"] = id_file.read_text().strip()
+        elif rank_zero_only.rank == 0:
+            cfg["id"] = secrets.token_hex(4)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(cfg["id"])
+        cfg.setdefault("resume", "allow")
+    return hydra.utils.instantiate(cfg)
+
+
+def log_results(logger, store: RunStore, records: list[dict[str, Any]], summary: dict[str, Any],
+                convergence: Path | None) -> None:
+    """Aggregate metrics to any logger; for W&B also the per-image table with images and the plot."""
+    keys = (*report.MEAN_COLUMNS, "n_images", "converged_fraction", "fid")
+    numbers = {f"metrics/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
+    logger.log_metrics(numbers)
+    from pytorch_lightning.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        cols = [c for c in ("name", "index", "psnr", "ssim", "lpips", "cons", "consistency", "rounds", "nfe",
+                            "residual", "seconds", "psnr_to_sequential") if any(c in r for r in records)]
+
+        def image(folder: Path, name: str):
+            path = folder / f"{name}.png"
+            return wandb.Image(str(path)) if path.is_file() else None
+
+        data = [[r.get(c) for c in cols] + [image(store.inputs, r["name"]), image(store.images, r["name"]),
+                                            image(store.targets, r["name"])] for r in records]
+        logger.log_table(key="per_image", columns=[*cols, "input", "restored", "target"], data=data)
+        if convergence is not None:
+            logger.log_image(key="convergence", images=[str(convergence)])
+        wandb.finish()
+    else:
+        logger.save()
+
+
+def _choice(group: str, default: str) -> str:
+    try:
+        return str(HydraConfig.get().runtime.choices.get(group) or default)
+    except ValueError:
+        return default
+
+
+def _device(trainer: pl.Trainer | None) -> torch.device:
+    return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+
+def _quiet(verbose: bool) -> None:
+    """Lightning's info lines off (unless verbose); one-line metric-availability warnings."""
+    if not verbose:
+        for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*`srun` command is available.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pytorch_lightning\.trainer\.connectors.*")
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if issubclass(category, MetricUnavailableWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line

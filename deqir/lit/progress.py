@@ -1,0 +1,59 @@
+"""A progress bar in images (not batches) that also shows the current solver round and residual."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ProgressBar
+from tqdm.auto import tqdm
+
+
+class ImageProgressBar(ProgressBar):
+    """``images done / total`` on rank 0 with ``round k, residual r`` of the image(s) being solved.
+
+    Args:
+        total: callable ``(rank, world_size) -> images this rank will process``.
+        desc: label in front of the bar.
+    """
+
+    def __init__(self, total: Callable[[int, int], int], desc: str = "restoring"):
+        super().__init__()
+        self.total_fn, self.desc = total, desc
+        self._enabled = True
+        self.bar: tqdm | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if hasattr(pl_module, "round_hook"):
+            pl_module.round_hook = self.set_round
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        self.bar = tqdm(total=self.total_fn(trainer.global_rank, trainer.world_size), desc=self.desc, unit="img",
+                        file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def set_round(self, round_: int, residual: float) -> None:
+        """Called by the module after every solver round."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"round {round_}, residual {residual:.2e}", refresh=True)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.bar is not None:
+            self.bar.update(len(batch["index"]))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_predict_end(trainer, pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

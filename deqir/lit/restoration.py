@@ -1,0 +1,280 @@
+"""``RestorationModule``: zero-shot restoration of a batch of images, driven by ``Trainer.predict``.
+
+One ``predict_step`` = (1) build the problem: the measurement y and the chain noise from per-image
+generators, (2) :meth:`RestorationModule.restore` it (the one method subclasses override, e.g. for
+initialisation optimisation), (3) score it. The step returns a :class:`BatchResult` that the prediction
+writer saves; nothing is logged from here (``self.log`` is not allowed in predict hooks).
+
+Per-image randomness (docs/app.md): image ``index`` of the dataset draws from two CPU generators,
+``(seed * 1_000_003 + index) mod 2**32`` for the chain (x_T first, then z) and that XOR ``0x9E3779B9`` for
+the measurement noise, so results never depend on the batch size, the rank, the GPU count or on which images
+a resumed run still has to do.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from deqir.deq.joint_map import evaluate_in_chunks
+from deqir.deq.sampler import sample_deq
+from deqir.diffusion.chain import ChainCoefficients
+from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.lit.distributed import TimestepParallelEvaluator
+from deqir.metrics import MetricSuite, colorization_consistency, consistency
+from deqir.operators import Operator
+from deqir.utils.images import quantize, to_unit
+
+SEED_STRIDE = 1_000_003
+MEASUREMENT_STREAM = 0x9E3779B9  # XOR-ed into the seed of the measurement-noise stream
+PSNR_CAP = 100.0  # dB, for identical images in psnr_to_sequential
+
+
+class RestorationError(RuntimeError):
+    """A restoration cannot produce a valid image (e.g. the ε-model returned NaN)."""
+
+
+def image_seed(seed: int, index: int, stream: int = 0) -> int:
+    """Seed of image ``index``'s stream: ``(seed * 1_000_003 + index) mod 2**32`` for the chain noise (x_T, z),
+    XOR ``0x9E3779B9`` for the measurement noise (stream 1). Reduced to 32 bits because the CPU generator
+    (mt19937) only uses the low 32 bits of a seed."""
+    base = (int(seed) * SEED_STRIDE + int(index)) % 2**32
+    return base ^ MEASUREMENT_STREAM if stream == 1 else base
+
+
+def image_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """CPU generator of image ``index``: stream 0 = chain noise (x_T, z), 1 = measurement noise."""
+    return torch.Generator().manual_seed(image_seed(seed, index, stream))
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """How the chain is solved (plain values from ``sampler/`` and ``solver/``)."""
+
+    sampler: str = "deq"  # "deq" | "sequential"
+    solver: str = "anderson"
+    max_iter: int = 15
+    tol: float = 1e-3
+    stop_mode: str = "rel"
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    init: str = "x_T"
+    coarse_steps: int = 5
+    max_batch: int | None = None
+    per_step_noise: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What is measured per image (plain values from ``eval/``)."""
+
+    crop_border: int = 0
+    channel: str = "rgb"
+    lpips_net: str | None = "vgg"
+    lpips_weights: str | None = None
+    compare_sequential: bool = False
+    colorization: bool = False
+
+
+@dataclass
+class Problem:
+    """One batch to restore. Tensors on the module's device, images on [-1, 1].
+
+    Attributes:
+        index: (B,) dataset indices. names: output names.
+        y: (B, *measurement_shape) measurements. x_T: (B, C, H, W). z: (B, T or 1, C, H, W).
+        target: (B, C, H, W) ground truth, None for real (already degraded) inputs.
+    """
+
+    index: list[int]
+    names: list[str]
+    y: Tensor
+    x_T: Tensor
+    z: Tensor
+    target: Tensor | None
+
+
+@dataclass
+class Restored:
+    """Output of :meth:`RestorationModule.restore`: x0 (B, C, H, W) on [-1, 1] plus per-image solver facts.
+
+    ``round_x0`` (optional) holds one (B, C, H, W) candidate per solver round (the solver callback's
+    ``last_slot``), used for the PSNR-to-sequential curve.
+    """
+
+    x0: Tensor
+    rounds: list[int]
+    nfe: list[int]
+    residual: list[float]
+    status: list[str]
+    residual_trace: list[list[float]]
+    round_x0: list[Tensor] | None = None
+    extra: list[dict[str, Any]] | None = None  # per-image extra CSV columns (e.g. optimisation results)
+
+
+@dataclass
+class BatchResult:
+    """What the writer saves: CSV rows, [0, 1] CPU images and per-round traces, one entry per image."""
+
+    rows: list[dict[str, Any]]
+    restored: Tensor
+    inputs: Tensor
+    targets: Tensor | None
+    traces: list[dict[str, list[float]]]
+
+
+class RestorationModule(pl.LightningModule):
+    """Restore batches of images with the DEQ (or sequential) DDIM/DDNM chain.
+
+    Args:
+        model: ε-model, ``eps = model(x, t)``.
+        operator: degradation operator built for the dataset's image shape.
+        coeffs: chain coefficients (T steps).
+        sigma_y: measurement noise std on the [0, 1] scale.
+        seed: base seed of the per-image generators.
+        chain: sampler/solver settings. evaluation: metric settings.
+        timestep_parallel: split each round's T slots across the ranks (every rank gets the same images).
+    """
+
+    def __init__(self, model: torch.nn.Module, operator: Operator, coeffs: ChainCoefficients, *, sigma_y: float = 0.0,
+                 seed: int = 0, chain: ChainSettings = ChainSettings(), evaluation: EvalSettings = EvalSettings(),
+                 timestep_parallel: bool = False):
+        super().__init__()
+        self.model, self.operator, self.coeffs = model, operator, coeffs
+        self.sigma_y, self.seed = float(sigma_y), int(seed)
+        self.chain, self.evaluation, self.timestep_parallel = chain, evaluation, timestep_parallel
+        self.suite: MetricSuite | None = None
+        self.round_hook: Callable[[int, float], None] | None = None
+        self._evaluator: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_predict_start(self) -> None:
+        ev = self.evaluation
+        if self.timestep_parallel:
+            self._evaluator = TimestepParallelEvaluator(self.model, self.chain.max_batch)
+        else:
+            self._evaluator = lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch)
+        if self.suite is None:
+            self.suite = MetricSuite(crop_border=ev.crop_border, channel=ev.channel, lpips_net=ev.lpips_net,
+                                     lpips_weights=ev.lpips_weights, device=self.device)
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> BatchResult:
+        problem = self.make_problem(batch)
+        start = time.perf_counter()
+        restored = self.restore(problem)
+        seconds = (time.perf_counter() - start) / len(problem.index)
+        bad = [n for n, s in zip(problem.names, restored.status) if s == "nonfinite"]
+        if bad or not bool(torch.isfinite(restored.x0).all()):
+            which = ", ".join(bad) or problem.names[0]
+            raise RestorationError(f"the ε-model returned NaN/inf while restoring {which}; check the checkpoint "
+                                   f"(model.ckpt_path) and model.dtype / model_dtype")
+        with torch.no_grad():
+            return self.evaluate(problem, restored, seconds)
+
+    # ------------------------------------------------------------------ the three stages
+    def make_problem(self, batch: dict) -> Problem:
+        """Measurements and chain noise of a batch, from the per-image generators."""
+        index = [int(i) for i in batch["index"].tolist()]
+        op = self.operator
+        with torch.no_grad():
+            if "image" in batch:
+                target = batch["image"].to(self.device, torch.float32) * 2 - 1
+                op.check_image(target)
+                y = torch.cat([op.measure(target[k : k + 1], self.sigma_y, image_generator(self.seed, i, 1))
+                               for k, i in enumerate(index)])
+                shape = target.shape
+            else:  # real inputs: y given on the [0, 1] scale
+                target = None
+                y = batch["y"].to(self.device, torch.float32) * 2 - 1
+                op.check_measurement(y)
+                shape = (len(index), *op.image_shape)
+        gens = [image_generator(self.seed, i, 0) for i in index]
+        x_T, z = draw_chain_noise(shape, len(self.coeffs), gens, self.chain.per_step_noise, device=self.device)
+        return Problem(index=index, names=list(batch["name"]), y=y, x_T=x_T, z=z, target=target)
+
+    def restore(self, problem: Problem) -> Restored:
+        """Restore one batch (override this in subclasses). Runs the sampler without autograd."""
+        ch, T = self.chain, len(self.coeffs)
+        p = problem
+        B = p.x_T.shape[0]
+        evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, ch.max_batch))
+        with torch.no_grad():
+            if ch.sampler == "sequential":
+                x0, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z)
+                ok = bool(torch.isfinite(x0).all())
+                return Restored(x0=x0, rounds=[T] * B, nfe=[T] * B, residual=[math.nan] * B,
+                                status=["converged" if ok else "nonfinite"] * B, residual_trace=[[] for _ in range(B)])
+            record = self.evaluation.compare_sequential
+            round_x0: list[Tensor] = []
+
+            def on_round(info: dict) -> None:
+                if self.round_hook is not None:
+                    res = info["rel_residual"] if ch.stop_mode == "rel" else info["abs_residual"]
+                    finite = res[torch.isfinite(res)]
+                    self.round_hook(int(info["round"]) + 1, float(finite.max()) if finite.numel() else math.nan)
+                if record:  # this round's candidate for x0 (the solver's "last_slot")
+                    last = info.get("last_slot")
+                    round_x0.append(last.detach().clone() if last is not None else torch.full_like(p.x_T, math.nan))
+
+            result = sample_deq(self.model, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z,
+                                solver=ch.solver, max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
+                                options=ch.solver_options, init=ch.init, coarse_steps=ch.coarse_steps,
+                                eps_evaluator=evaluator, callback=on_round)
+        st = result.stats
+        per_round = st.nfe / max(1, B * st.rounds)
+        init_nfe = result.init_nfe // B
+        trace = st.trace.detach().cpu()
+        return Restored(
+            x0=result.x0,
+            rounds=[int(r) for r in st.image_rounds.tolist()],
+            nfe=[init_nfe + round(int(r) * per_round) for r in st.image_rounds.tolist()],
+            residual=[float(r) for r in st.best_residual.tolist()],
+            status=list(st.image_status),
+            residual_trace=[[float(v) for v in trace[:, b] if math.isfinite(float(v))] for b in range(B)],
+            round_x0=round_x0 if record else None,
+        )
+
+    def evaluate(self, problem: Problem, restored: Restored, seconds: float) -> BatchResult:
+        """Per-image metrics and the [0, 1] images to save."""
+        p, r, op = problem, restored, self.operator
+        x0 = to_unit(r.x0.float())
+        q = quantize(x0)
+        B = x0.shape[0]
+        rows: list[dict[str, Any]] = [{"name": n, "index": i} for n, i in zip(p.names, p.index)]
+        cols: dict[str, Tensor] = {}
+        target = to_unit(p.target) if p.target is not None else None
+        if target is not None and self.suite is not None:
+            cols.update(self.suite.compute(x0, target))
+        # ||A x0 - y|| on the [0, 1] scale: (A(2q - 1) - y) / 2 for a linear A.
+        cols["consistency"] = consistency(lambda x: op.A(2 * x - 1) / 2, q, p.y / 2)
+        if self.evaluation.colorization:
+            cols["cons"] = colorization_consistency(q, (p.y + 1) / 2, A=lambda x: (op.A(2 * x - 1) + 1) / 2)
+        traces: list[dict[str, list[float]]] = [{"residual": t} for t in r.residual_trace]
+        if self.evaluation.compare_sequential and self.chain.sampler != "sequential":
+            evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch))
+            seq, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=op, y=p.y, z=p.z)
+            seq = to_unit(seq.float())
+            cols["psnr_to_sequential"] = _psnr(x0, seq)
+            if r.round_x0:
+                per_round = torch.stack([_psnr(to_unit(c.float()), seq) for c in r.round_x0], dim=1)  # (B, rounds)
+                for b in range(B):
+                    traces[b]["psnr_to_sequential"] = [float(v) for v in per_round[b, : r.rounds[b]]]
+        for b, row in enumerate(rows):
+            for k, v in cols.items():
+                row[k] = float(v[b])
+            row.update(rounds=r.rounds[b], nfe=r.nfe[b], residual=r.residual[b], seconds=seconds, status=r.status[b])
+            if r.extra is not None:
+                row.update(r.extra[b])
+        return BatchResult(rows=rows, restored=x0.cpu(), inputs=to_unit(op.y_to_image(p.y).float()).cpu(),
+                           targets=target.cpu() if target is not None else None, traces=traces)
+
+
+def _psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image PSNR (dB) of [0, 1] images, capped at PSNR_CAP; (B,) float64 on the CPU."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1).cpu()
+    return torch.clamp(10 * torch.log10(1.0 / mse.clamp_min(1e-300)), max=PSNR_CAP)
