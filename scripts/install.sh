@@ -4,7 +4,7 @@
 # pip keeps an already-installed torch that satisfies the floors in setup.cfg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python}
 if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   # torchvision (needed by lpips) pairs with torch 2.14.1 here; both install from the local wheel cache.
   "$PY" -m pip install "torch==2.14.1" "torchvision==0.29.1"

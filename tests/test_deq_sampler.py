@@ -11,8 +11,8 @@ from deqir.deq.sampler import coarse_warm_start, sample_deq
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
 from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
-from deqir.models.ddpm_unet import DDPMUNet
 from deqir.operators import OPERATOR_NAMES, make_operator
+from tiny_models import tiny_unet
 
 SIZE = 16
 SCHED = NoiseSchedule.create()
@@ -37,28 +37,7 @@ def test_every_operator_has_a_case():
     assert set(TASKS) == set(OPERATOR_NAMES)
 
 
-def tiny_model(seed: int = 0) -> DDPMUNet:
-    torch.manual_seed(seed)
-    m = DDPMUNet(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], mid_attn=False, resolution=SIZE)
-    scaled_init_(m, seed)
-    return m.double().eval()
-
-
-def scaled_init_(m: torch.nn.Module, seed: int) -> None:
-    """The manifests' "scaled" init: unit-gain layers, so eps depends strongly and nonlinearly on x."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            z = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                p.copy_(z / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * z)
-            else:
-                p.copy_(0.1 * z)
-
-
-MODEL = tiny_model()
+MODEL = tiny_unet(SIZE)
 
 
 def problem(T: int, task: str | None, B: int = 2, etw: float = 0.1, nw: float = 0.0, sigma_y: float = 0.0,

@@ -15,6 +15,7 @@ from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
 from deqir.diffusion.sequential import sample_sequential
 from deqir.metrics import lpips_available
 from deqir.operators import make_operator
+from tiny_models import TinyEps, tiny_unet
 from deqir.optim import (
     InitOptResult,
     LossTerms,
@@ -30,25 +31,6 @@ SCHEDULE = NoiseSchedule.create()
 SHAPE = (3, 16, 16)
 T = 6
 EXACT = SolveConfig(solver="picard", max_iter=T, tol=0.0)  # exact equilibrium every step
-
-
-class TinyEps(nn.Module):
-    """eps = Gaussian-prior score (data ~ N(0, s^2 I)) + scale * conv(tanh(conv(x) + emb(t)))."""
-
-    def __init__(self, seed: int = 0, scale: float = 0.3, s: float = 0.5, hidden: int = 8) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = nn.Parameter(torch.randn(hidden, 3, 3, 3, generator=g, dtype=DT) / 27**0.5, requires_grad=False)
-        self.w2 = nn.Parameter(torch.randn(3, hidden, 3, 3, generator=g, dtype=DT) / (9 * hidden) ** 0.5,
-                               requires_grad=False)
-        self.emb = nn.Parameter(torch.randn(hidden, generator=g, dtype=DT), requires_grad=False)
-        self.scale, self.s2 = scale, s * s
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = SCHEDULE.alpha_bar(t.cpu()).to(x).view(-1, 1, 1, 1)
-        h = torch.tanh(nn.functional.conv2d(x, self.w1, padding=1) + (t.to(x) / 1000).view(-1, 1, 1, 1)
-                       * self.emb.view(1, -1, 1, 1))
-        return (1 - a).sqrt() * x / (a * self.s2 + 1 - a) + self.scale * nn.functional.conv2d(h, self.w2, padding=1)
 
 
 @pytest.fixture(scope="module")
