@@ -37,7 +37,8 @@ def test_outputs_layout_and_metrics(base_run):
     for col in ("psnr", "ssim", "consistency", "rounds", "nfe", "residual", "seconds", "status"):
         assert col in rows[0], col
     assert "lpips" not in rows[0]  # eval=fast
-    assert int(rows[0]["nfe"]) == int(rows[0]["rounds"]) * 4  # rounds x T model image-evaluations
+    # rounds x T model image-evaluations + the coarse warm start (min(coarse_steps, T) = 4 steps)
+    assert int(rows[0]["nfe"]) == int(rows[0]["rounds"]) * 4 + 4
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_images"] == 2
     assert metrics["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))
@@ -141,9 +142,9 @@ def test_folder_dataset_and_sr(tmp_path):
     assert pixels(run / "inputs" / "img0.png").shape == (32, 32, 3)  # the 16 px measurement shown upsampled
 
 
-def test_mode_not_yet_available(tmp_path):
-    with pytest.raises(ValueError, match="not yet available"):
-        run_inprocess([*TINY, "mode=invert"], tmp_path / "m")
+def test_unknown_mode_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="restore, optimize_init, invert"):
+        run_inprocess([*TINY, "mode=sample"], tmp_path / "m")
 
 
 def test_per_image_generators_are_fixed_by_seed_and_index():

@@ -107,7 +107,7 @@ def sample_deq(
             (e.g. ``history_size``, ``lam``, ``beta``, ``mixing``, ``window``).
         max_iter, tol, stop_mode: stopping rule (rounds, relative/absolute residual).
         init: ``x_T`` (every slot = x_T, the paper), ``coarse`` (:func:`coarse_warm_start` with
-            ``coarse_steps`` steps) or a (B, T, C, H, W) tensor of initial states.
+            ``min(coarse_steps, T)`` steps) or a (B, T, C, H, W) tensor of initial states.
         max_batch: micro-batch size of the model calls (memory bound; results do not depend on it).
         eps_evaluator: replaces the model call (e.g. timestep-parallel evaluation across ranks).
         callback: called once per round with the solver's info dict.
@@ -124,8 +124,9 @@ def sample_deq(
     elif init == "coarse":
         # the warm start runs the model directly; route it through the evaluator when one is given
         m = model if eps_evaluator is None else eps_evaluator
-        z0 = coarse_warm_start(m, coeffs, x_T, coarse_steps, operator=operator, y=y)
-        init_nfe = x_T.shape[0] * coarse_steps
+        steps = min(int(coarse_steps), len(coeffs))  # a warm start never needs more steps than the chain
+        z0 = coarse_warm_start(m, coeffs, x_T, steps, operator=operator, y=y)
+        init_nfe = x_T.shape[0] * steps
     else:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)} or a tensor of states")
     solve = get_solver(solver)

@@ -91,6 +91,8 @@ def run_training(cfg: DictConfig) -> Path:
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if (cfg.resume and last.is_file()) else None
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    if trainer.global_step % max(1, int(cfg.checkpoint_every)) != 0:
+        trainer.save_checkpoint(str(last))  # the final state, so a later run resumes exactly here
 
     out = Path(cfg.export_path)
     if trainer.is_global_zero:
