@@ -13,7 +13,6 @@ Uses the embedded default model when its weights are installed, else a random sm
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

@@ -86,7 +86,6 @@ def _peak(device) -> float:
 
 
 def _build_model(name: str, size: int, device):
-    import torch
     from torch import nn
 
     from deqir.diffusion.schedule import NoiseSchedule

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
-from benchmarks.deq_vs_sequential import load_model, psnr, sample_images  # noqa: E402
+from benchmarks.deq_vs_sequential import load_model, sample_images  # noqa: E402
 from benchmarks.quality import task_operator  # noqa: E402
 from deqir.deq.grad import DEQGradientConfig  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402

@@ -16,7 +16,6 @@ Peak memory: CUDA ``max_memory_allocated``; CPU the process RSS high-water mark 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -25,7 +24,12 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_json  # noqa: E402
 
 from deqir.models import KNOWN_MODELS, load_eps_model, num_params
 
@@ -188,10 +192,7 @@ def main() -> None:
         "rows": rows,
         "skipped": skipped,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

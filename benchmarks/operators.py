@@ -15,7 +15,12 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_json  # noqa: E402
 
 from deqir.operators import GeneralLinearOperator, make_operator
 
@@ -149,10 +154,7 @@ def main() -> None:
         result["legacy_difference"] = legacy_difference()
         print("\nlegacy_svd vs true blur (256x256):")
         print(json.dumps(result["legacy_difference"], indent=1))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
-import torch
 
 from app_support import TINY, error_lines, run_cli, run_inprocess
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from deqir.deq.grad import DEQGradientConfig, attach_gradient
 from deqir.deq.joint_map import ChainMap

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from deqir.deq.grad import DEQGradientConfig
 from deqir.deq.joint_map import ChainMap
@@ -15,7 +14,7 @@ from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
 from deqir.diffusion.sequential import sample_sequential
 from deqir.metrics import lpips_available
 from deqir.operators import make_operator
-from tiny_models import TinyEps, tiny_unet
+from tiny_models import TinyEps
 from deqir.optim import (
     InitOptResult,
     LossTerms,

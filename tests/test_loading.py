@@ -14,7 +14,6 @@ from deqir.models import (
     ddpm_config_to_diffusers,
     ddpm_key_to_diffusers,
     ddpm_state_dict_to_diffusers,
-    extract_state_dict,
     init_random_,
     load_eps_model,
     save_eps_model,
@@ -28,14 +27,6 @@ MANIFESTS = Path(os.environ.get("DEQIR_MANIFESTS", ROOT.parent / "shared" / "che
 needs_manifests = pytest.mark.skipif(not MANIFESTS.is_dir(), reason="checkpoint manifests not available")
 CELEBA_URL = "https://image-editing-test-12345.s3-us-west-2.amazonaws.com/checkpoints/celeba_hq.ckpt"
 ADM_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model_cfg(name: str, **overrides) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deqir.models import ADMUNet, DDPMUNet, EpsModel, LearnedSigmaSplit, build_model, init_random_, num_params
+from deqir.models import ADMUNet, EpsModel, LearnedSigmaSplit, build_model, init_random_, num_params
 from deqir.models.loading import KNOWN_MODELS, load_eps_model
 
 MANIFESTS = Path(os.environ.get("DEQIR_MANIFESTS",
@@ -22,15 +22,6 @@ MANIFESTS = Path(os.environ.get("DEQIR_MANIFESTS",
 pytestmark = pytest.mark.skipif(not MANIFESTS.is_dir(), reason="checkpoint manifests not available")
 FULL_SIZE = os.environ.get("DEQIR_FULL_SIZE_TESTS") == "1" or torch.cuda.is_available()
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run 10-100x faster single-threaded on a loaded CI/dev machine (no OpenMP spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def manifest(name: str) -> dict:
     return json.loads((MANIFESTS / name).read_text())

@@ -89,15 +89,6 @@ def _y(op: Operator, seed: int = 1) -> torch.Tensor:
     return torch.randn((BATCH, *op.measurement_shape), generator=g, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The operators are tiny here; one thread avoids contention on busy CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_cases_cover_every_operator_name():
     assert {name for name, _ in CASES.values()} >= set(OPERATOR_NAMES)
 

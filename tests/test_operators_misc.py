@@ -16,14 +16,6 @@ from deqir.operators import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 

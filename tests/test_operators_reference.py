@@ -15,14 +15,6 @@ from deqir.operators import make_kernel, make_operator
 from deqir.operators.sr import bicubic_kernel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 

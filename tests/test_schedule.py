@@ -14,15 +14,6 @@ GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "checkpoint-manifests"
 needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason="checkpoint manifests not available")
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run 10-100x faster single-threaded on a loaded CI/dev machine (no OpenMP spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def reference_alpha_bar(t: torch.Tensor) -> torch.Tensor:
     """DDRM/DDNM/DeqIR: float64 numpy linspace -> float32 torch; cumprod over [0, betas] indexed at t + 1."""
     betas = torch.from_numpy(np.linspace(1e-4, 0.02, 1000, dtype=np.float64)).float()

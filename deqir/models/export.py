@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from deqir.utils.images import atomic_write_bytes
 
 FORMAT = "deqir-eps-model"
 
@@ -38,15 +38,7 @@ def save_eps_model(
         "state_dict": sd,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _plain(obj: Any) -> Any:

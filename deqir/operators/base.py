@@ -166,12 +166,13 @@ class SVDOperator(Operator):
         raise NotImplementedError
 
     def U(self, s: Tensor) -> Tensor:
-        """(B, m) -> measurement (B, *measurement_shape)."""
-        raise NotImplementedError
+        """(B, m) -> measurement (B, *measurement_shape). Default: U = I (measurement entries are the basis)."""
+        return s.reshape(s.shape[0], *self.measurement_shape)
 
     def U_T(self, y: Tensor) -> Tensor:
-        """Measurement (B, *measurement_shape) -> (B, m)."""
-        raise NotImplementedError
+        """Measurement (B, *measurement_shape) -> (B, m). Default: U = I."""
+        self.check_measurement(y)
+        return y.reshape(y.shape[0], -1)
 
     def singulars(self) -> Tensor:
         """Singular values (m,), zeros included (same dtype/device as the buffers)."""

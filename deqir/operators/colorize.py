@@ -64,13 +64,6 @@ class Colorization(SVDOperator):
         coef = z.reshape(z.shape[0], *self.image_shape)
         return torch.einsum("ci,bihw->bchw", cast(self._basis, z), coef)
 
-    def U_T(self, y: Tensor) -> Tensor:
-        self.check_measurement(y)
-        return y.reshape(y.shape[0], -1)
-
-    def U(self, s: Tensor) -> Tensor:
-        return s.reshape(s.shape[0], *self.measurement_shape)
-
     def singulars(self) -> Tensor:
         h, w = self.image_shape[1:]
         return self.weights.norm().expand(h * w).clone()

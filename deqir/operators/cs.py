@@ -76,13 +76,6 @@ class WalshHadamardCS(SVDOperator):
         coef[..., self._rest] = z[:, c * m :].reshape(b, c, h * w - m)
         return fwht(coef).reshape(b, c, h, w)
 
-    def U_T(self, y: Tensor) -> Tensor:
-        self.check_measurement(y)
-        return y.reshape(y.shape[0], -1)
-
-    def U(self, s: Tensor) -> Tensor:
-        return s.reshape(s.shape[0], *self.measurement_shape)
-
     def singulars(self) -> Tensor:
         return torch.ones(self.image_shape[0] * self.num_measurements, dtype=torch.float64)
 

@@ -75,13 +75,6 @@ class AveragePoolSR(SVDOperator):
         x = torch.einsum("ui,vj,bchwuv->bchiwj", d, d, coef.reshape(b, c, hs, ws, r, r))
         return x.reshape(b, *self.image_shape)
 
-    def U_T(self, y: Tensor) -> Tensor:
-        self.check_measurement(y)
-        return y.reshape(y.shape[0], -1)
-
-    def U(self, s: Tensor) -> Tensor:
-        return s.reshape(s.shape[0], *self.measurement_shape)
-
     def singulars(self) -> Tensor:
         return torch.full((math.prod(self.measurement_shape),), 1.0 / self.scale, dtype=torch.float64)
 
