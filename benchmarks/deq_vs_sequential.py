@@ -1,6 +1,7 @@
 """DEQ (parallel) sampling vs the sequential chain: rounds, agreement, work, wall-clock, memory.
 
-For each T, task and solver, on the sample images:
+For each T, chain (the app's default: step form, etw = nw = 1, fresh noise per step; the paper's: cumsum form,
+etw 0.1, nw 0), task and solver, on a sample image:
   * rounds_45: rounds until PSNR(x_deq, x_seq) >= 45 dB (from a run with tol 0 and a round cap);
   * psnr_seq / rounds / work: at the solver's stop rule (tol 1e-3 relative, paper defaults):
     PSNR to the sequential result, rounds, model image-evaluations / (B T) (work ratio vs sequential);
@@ -40,9 +41,15 @@ TASKS = {
     "inpaint": ("inpaint", {"mask_type": "text"}),
 }
 SOLVERS = {
-    "anderson": ({}, 15),
+    "anderson": ({}, 30),  # the app's default: official constants, stops at tol
+    "anderson_official": ({"mixing": "slot", "return_value": "x", "select": "last"}, 15),
     "picard": ({}, None),  # None: T rounds (exact)
     "sliding_window": ({"window": 8}, None),
+}
+#: chain -> (map form, etw, nw, per-step noise): the app's default (stochastic, step form) and the paper's
+CHAINS = {
+    "default": ("step", 1.0, 1.0, True),
+    "paper": ("cumsum", 0.1, 0.0, False),
 }
 
 
@@ -77,17 +84,18 @@ def run(args) -> dict:
     x = sample_images(args.size, args.images).to(device)
     B = x.shape[0]
     rows = []
-    for T in args.T:
-        coeffs = make_chain(sched, SamplingGrid.create(T), etw=args.etw)
+    for T, chain in [(T, c) for T in args.T for c in args.chains]:
+        form, etw, nw, per_step = CHAINS[chain]
+        coeffs = make_chain(sched, SamplingGrid.create(T), etw=etw, nw=nw)
         gens = [torch.Generator().manual_seed(i) for i in range(B)]
-        x_T, _ = draw_chain_noise(x.shape, T, gens, device=device)
+        x_T, z = draw_chain_noise(x.shape, T, gens, per_step_noise=per_step, device=device)
         for task in args.tasks:
             name, params = TASKS[task]
             op = make_operator(name, tuple(x.shape[1:]), **params).to(device=device, dtype=torch.float32)
             y = op.A(x)
             sync(device)
             t0 = time.perf_counter()
-            x_seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y)
+            x_seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y, z=z)
             sync(device)
             t_seq = time.perf_counter() - t0
             for solver in args.solvers:
@@ -97,23 +105,24 @@ def run(args) -> dict:
                 sync(device)
                 with peak_memory(device) as mem:
                     t0 = time.perf_counter()
-                    res = sample_deq(model, coeffs, x_T, operator=op, y=y, solver=solver, options=opts,
-                                     max_iter=max_iter, tol=args.tol, max_batch=args.max_batch)
+                    res = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver=solver.replace("_official", ""),
+                                     options=opts, max_iter=max_iter, tol=args.tol, max_batch=args.max_batch,
+                                     form=form)
                     sync(device)
                     t_deq = time.perf_counter() - t0
                 # 2) quality per round, no early stop
                 curve: list[float] = []
-                cap = min(args.round_cap, T)
-                sample_deq(model, coeffs, x_T, operator=op, y=y, solver=solver, options=opts, max_iter=cap,
-                           tol=0.0, max_batch=args.max_batch,
+                cap = min(args.round_cap, max_iter)
+                sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver=solver.replace("_official", ""),
+                           options=opts, max_iter=cap, tol=0.0, max_batch=args.max_batch, form=form,
                            callback=lambda info: curve.append(psnr(info["last_slot"], x_seq)))
                 r45 = next((i + 1 for i, p in enumerate(curve) if p >= 45.0), None)
-                row = dict(T=T, task=task, solver=solver, rounds_45=r45, psnr_seq=psnr(res.x0, x_seq),
+                row = dict(T=T, chain=chain, task=task, solver=solver, rounds_45=r45, psnr_seq=psnr(res.x0, x_seq),
                            rounds=res.stats.rounds, work=res.nfe / (B * T), time_ratio=t_deq / t_seq,
                            t_deq=t_deq, t_seq=t_seq, peak_mb=mem.get("peak_mb"), status=res.stats.status,
                            curve=curve)
                 rows.append(row)
-                print(f"T={T} {task} {solver}: rounds_45={r45} psnr_seq={row['psnr_seq']:.1f} "
+                print(f"T={T} {chain} {task} {solver}: rounds_45={r45} psnr_seq={row['psnr_seq']:.1f} "
                       f"rounds={row['rounds']} work={row['work']:.2f} time x{row['time_ratio']:.2f}", flush=True)
     return {"model": model_note, "rows": rows}
 
@@ -125,7 +134,7 @@ def main(argv=None) -> None:
     ap.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--etw", type=float, default=0.1)
+    ap.add_argument("--chains", nargs="+", default=list(CHAINS), choices=list(CHAINS))
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--round-cap", type=int, default=30, help="rounds of the no-early-stop quality run")
     ap.add_argument("--max-batch", type=int, default=None)
@@ -141,9 +150,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     tune_allocator()
     out = run(args)
-    print(f"\nmodel: {out['model']}; {args.images} image(s) at {args.size}^2, etw={args.etw}, tol={args.tol}")
+    print(f"\nmodel: {out['model']}; {args.images} image(s) at {args.size}^2, tol={args.tol}; chains: "
+          + "; ".join(f"{k} = form {v[0]}, etw {v[1]}, nw {v[2]}, per-step noise {v[3]}" for k, v in CHAINS.items()))
     table = print_table(out["rows"], [
-        ("T", "T", ""), ("task", "task", ""), ("solver", "solver", ""), ("rounds_45", "rounds to 45 dB", ""),
+        ("T", "T", ""), ("chain", "chain", ""), ("task", "task", ""), ("solver", "solver", ""), ("rounds_45", "rounds to 45 dB", ""),
         ("psnr_seq", "PSNR to seq (dB)", ".1f"), ("rounds", "rounds", ""), ("work", "work ratio", ".2f"),
         ("time_ratio", "wall DEQ/seq", ".2f"), ("peak_mb", "peak MB", ".0f")])
     write_json(args.json, {"benchmark": "deq_vs_sequential", "machine": machine_info(torch.device(args.device)),

@@ -41,7 +41,8 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     model, note = load_model(device, "float32")
     solver = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/solver/anderson.yaml"))
-    sampler = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sampler/deq.yaml"))
+    sampler = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sampler/deq.yaml"))  # the app's defaults
+    sampler.update({k: v for k, v in vars(args).items() if k in ("etw", "nw") and v is not None})
     opts = {k: v for k, v in solver.items() if k not in ("name", "max_iter", "tol", "stop_mode")}
     x = sample_images(args.size, args.images).to(device)
     B, T = x.shape[0], args.T
@@ -53,14 +54,17 @@ def run(args) -> list[dict]:
         op = op.to(device=device, dtype=torch.float32)
         y = torch.cat([op.measure(x[b : b + 1], sigma_y, torch.Generator().manual_seed(100 + b)) for b in range(B)])
         gain = op.pinv_noise_gain() if sigma_y > 0 else 1.0
-        coeffs = make_chain(sched, SamplingGrid.create(T), etw=args.etw, sigma_y_eff=2 * sigma_y * gain)
-        x_T, _ = draw_chain_noise(x.shape, T, [torch.Generator().manual_seed(b) for b in range(B)], device=device)
+        coeffs = make_chain(sched, SamplingGrid.create(T), etw=sampler["etw"], nw=sampler["nw"],
+                            sigma_y_eff=2 * sigma_y * gain, noise_aware=sampler["noise_aware"])
+        gens = [torch.Generator().manual_seed(b) for b in range(B)]
+        x_T, z = draw_chain_noise(x.shape, T, gens, per_step_noise=sampler["per_step_noise"], device=device)
         t0 = time.perf_counter()
-        seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y)
+        seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y, z=z, clip_x0=sampler["clip_x0"])
         t_seq = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = sample_deq(model, coeffs, x_T, operator=op, y=y, solver="anderson", max_iter=solver["max_iter"],
-                         tol=solver["tol"], options=opts, init=sampler["init"], coarse_steps=sampler["coarse_steps"])
+        res = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="anderson", max_iter=solver["max_iter"],
+                         tol=solver["tol"], options=opts, init=sampler["init"], coarse_steps=sampler["coarse_steps"],
+                         form=sampler["form"], clip_x0=sampler["clip_x0"])
         t_deq = time.perf_counter() - t0
         target = to_unit(x)
         row = {"task": task, "sigma_y": sigma_y}
@@ -81,7 +85,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--T", type=int, default=25)
-    ap.add_argument("--etw", type=float, default=0.0)
+    ap.add_argument("--etw", type=float, default=None, help="override conf/sampler/deq.yaml")
+    ap.add_argument("--nw", type=float, default=None, help="override conf/sampler/deq.yaml")
     ap.add_argument("--lpips", default="vgg")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -91,7 +96,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     tune_allocator()
     rows, note = run(args)
-    print(f"\nmodel: {note}; {args.images} sample images at {args.size}^2, T={args.T}, etw={args.etw}")
+    print(f"\nmodel: {note}; {args.images} sample images at {args.size}^2, T={args.T}; chain and solver: "
+          f"conf/sampler/deq.yaml and conf/solver/anderson.yaml (overrides: etw={args.etw}, nw={args.nw})")
     cols = [("task", "task", "")]
     for k, h in (("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS")):
         for lab in ("base", "seq", "deq"):

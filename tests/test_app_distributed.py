@@ -60,10 +60,15 @@ def _same_outputs(a, b) -> None:
     assert [r["name"] for r in ra] == [r["name"] for r in rb] == ["astronaut", "chelsea", "coffee"]
     for x, y in zip(ra, rb):
         assert x["rounds"] == y["rounds"] and x["nfe"] == y["nfe"]
+        # Slots split across ranks go through the UNet in smaller batches, and CPU convolutions round
+        # differently per batch size; the random tiny UNet amplifies that last-bit noise, hence rel 1e-4 and
+        # at most one 8-bit level. Inputs and targets involve no UNet: they must be identical.
         for col in ("psnr", "ssim", "consistency"):
-            assert float(x[col]) == pytest.approx(float(y[col]), rel=1e-6), col
-        assert float(x["residual"]) == pytest.approx(float(y["residual"]), rel=1e-3)
-        for sub in ("images", "inputs", "targets"):
+            assert float(x[col]) == pytest.approx(float(y[col]), rel=1e-4), col
+        assert float(x["residual"]) == pytest.approx(float(y["residual"]), rel=1e-2)
+        ia, ib = pixels(a / "images" / f"{x['name']}.png"), pixels(b / "images" / f"{x['name']}.png")
+        assert np.abs(ia.astype(int) - ib.astype(int)).max() <= 1
+        for sub in ("inputs", "targets"):
             np.testing.assert_array_equal(pixels(a / sub / f"{x['name']}.png"), pixels(b / sub / f"{x['name']}.png"))
 
 

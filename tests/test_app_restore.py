@@ -37,8 +37,7 @@ def test_outputs_layout_and_metrics(base_run):
     for col in ("psnr", "ssim", "consistency", "rounds", "nfe", "residual", "seconds", "status"):
         assert col in rows[0], col
     assert "lpips" not in rows[0]  # eval=fast
-    # rounds x T model image-evaluations + the coarse warm start (min(coarse_steps, T) = 4 steps)
-    assert int(rows[0]["nfe"]) == int(rows[0]["rounds"]) * 4 + 4
+    assert int(rows[0]["nfe"]) == int(rows[0]["rounds"]) * 4  # rounds x T model image-evaluations
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_images"] == 2
     assert metrics["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))

@@ -71,9 +71,9 @@ def test_task_defaults_follow_the_paper():
         "name": "deblur_gauss", "params": {"kernel_size": 5, "sigma": 10.0, "legacy_svd": False}, "sigma_y": 0.0}
     assert compose_cfg(["task=sr4"]).task.params.scale == 4
     assert compose_cfg(["task=denoise"]).task.sigma_y == 0.1
-    solver = compose_cfg([]).solver  # measured defaults (README): damped, up to 30 rounds, coarse warm start
+    solver = compose_cfg([]).solver  # the official constants, up to 30 rounds (measured, README)
     assert (solver.name, solver.history_size, solver.lam, solver.beta, solver.max_iter, solver.tol, solver.stop_mode,
-            solver.mixing) == ("anderson", 5, 1e-3, 0.5, 30, 1e-3, "rel", "image")
+            solver.mixing) == ("anderson", 5, 1e-3, 1.0, 30, 1e-3, "rel", "image")
     official = compose_cfg(["solver=anderson_official"]).solver  # the paper's sampler constants
     assert (official.history_size, official.lam, official.beta, official.max_iter, official.tol) == (5, 1e-3, 1.0, 15, 1e-3)
     cfg = compose_cfg([])

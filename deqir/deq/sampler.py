@@ -98,6 +98,8 @@ def sample_deq(
     max_batch: int | None = None,
     eps_evaluator: EpsEvaluator | None = None,
     callback: Callable[[dict], None] | None = None,
+    form: str = "cumsum",
+    clip_x0: bool = False,
 ) -> DEQResult:
     """Restore by solving the joint fixed point of the T-step chain (all timesteps in one batch per round).
 
@@ -111,9 +113,11 @@ def sample_deq(
         max_batch: micro-batch size of the model calls (memory bound; results do not depend on it).
         eps_evaluator: replaces the model call (e.g. timestep-parallel evaluation across ranks).
         callback: called once per round with the solver's info dict.
+        form, clip_x0: the map's form (``cumsum``, the paper's, or ``step``) and x0 clipping (step form only);
+            see :mod:`deqir.deq.joint_map`.
     """
     fmap = ChainMap(model, coeffs, x_T, operator=operator, y=y, z=z, max_batch=max_batch,
-                    eps_evaluator=eps_evaluator)
+                    eps_evaluator=eps_evaluator, form=form, clip_x0=clip_x0)
     init_nfe = 0
     if isinstance(init, Tensor):
         if init.shape != (x_T.shape[0], len(coeffs), *x_T.shape[1:]):

@@ -66,6 +66,7 @@ def sample_sequential(
     z: Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
     return_trajectory: bool = False,
+    clip_x0: bool = False,
 ) -> tuple[Tensor, SequentialStats] | tuple[Tensor, SequentialStats, Tensor]:
     """Run the T-step chain from x_T (B, C, H, W); returns x0 (B, C, H, W) and stats.
 
@@ -74,16 +75,19 @@ def sample_sequential(
         z: noise (B, T or 1, C, H, W) for the c1 term (needed only when some c1 > 0).
         callback: called after every step with {"j", "t", "x", "x0_hat", "x0_tilde", "eps"}.
         return_trajectory: also return all T states (B, T, C, H, W) (the outputs of steps 0..T-1).
+        clip_x0: clamp the x0 prediction to [-1, 1] before the rectification (a nonlinear chain; the DEQ
+            solves it with the map's ``step`` form).
     """
-    return _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory)
+    return _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory, clip_x0)
 
 
-def sample_sequential_with_grad(model, coeffs, x_T, *, operator=None, y=None, z=None, return_trajectory=False):
+def sample_sequential_with_grad(model, coeffs, x_T, *, operator=None, y=None, z=None, return_trajectory=False,
+                                clip_x0=False):
     """Same chain with autograd enabled (reference for gradient checks; memory grows with T)."""
-    return _run_chain(model, coeffs, x_T, operator, y, z, None, return_trajectory)
+    return _run_chain(model, coeffs, x_T, operator, y, z, None, return_trajectory, clip_x0)
 
 
-def _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory):
+def _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory, clip_x0=False):
     if (operator is None) != (y is None):
         raise ValueError("operator and y must be given together")
     T = len(coeffs)
@@ -98,7 +102,7 @@ def _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory):
         eps = model(x, t)
         a, a_next = float(coeffs.a[j]), float(coeffs.a_next[j])
         x0_hat = (x - (1 - a) ** 0.5 * eps) / a**0.5
-        x0_tilde = rectify(x0_hat, float(coeffs.lam[j]), operator, pinv_y)
+        x0_tilde = rectify(x0_hat.clamp(-1, 1) if clip_x0 else x0_hat, float(coeffs.lam[j]), operator, pinv_y)
         x_new = a_next**0.5 * x0_tilde + float(coeffs.c2[j]) * eps
         if float(coeffs.c1[j]) != 0.0:
             zj = z[:, j] if z.shape[1] == T else z[:, 0]

@@ -116,6 +116,7 @@ def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any]) -> C
         solver_options=options, init=str(sampler_cfg.get("init", "x_T")),
         coarse_steps=int(sampler_cfg.get("coarse_steps", 5)), max_batch=sampler_cfg.get("max_batch"),
         per_step_noise=bool(sampler_cfg.get("per_step_noise", False)),
+        form=str(sampler_cfg.get("form", "cumsum")), clip_x0=bool(sampler_cfg.get("clip_x0", False)),
     )
 
 

@@ -90,7 +90,7 @@ class InitOptimizationModule(RestorationModule):
             lpips_net=opt.lpips_net, lpips_loss=self.lpips_loss, steps=opt.steps, lr=opt.lr,
             patience=opt.patience, min_improvement=opt.min_improvement, stop_below=opt.stop_below,
             solve=self.solve_config(), gradient=self.gradient, max_batch=self.chain.max_batch,
-            callback=self._progress(p),
+            callback=self._progress(p), map_form=self.chain.form, clip_x0=self.chain.clip_x0,
         )
         return self.to_restored(res)
 
@@ -161,5 +161,6 @@ class InversionModule(InitOptimizationModule):
             steps=opt.steps, lr=opt.lr, prior_weight=opt.prior_weight, patience=opt.patience,
             min_improvement=opt.min_improvement, stop_below=opt.stop_below, solve=self.solve_config(),
             gradient=self.gradient, max_batch=self.chain.max_batch, callback=self._progress(p),
+            map_form=self.chain.form, clip_x0=self.chain.clip_x0,
         )
         return self.to_restored(res)

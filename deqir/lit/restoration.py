@@ -67,6 +67,8 @@ class ChainSettings:
     coarse_steps: int = 5
     max_batch: int | None = None
     per_step_noise: bool = False
+    form: str = "cumsum"  # map form: cumsum (the paper's) | step
+    clip_x0: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ class RestorationModule(pl.LightningModule):
         evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, ch.max_batch))
         with torch.no_grad():
             if ch.sampler == "sequential":
-                x0, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z)
+                x0, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z,
+                                          clip_x0=ch.clip_x0)
                 ok = bool(torch.isfinite(x0).all())
                 return Restored(x0=x0, rounds=[T] * B, nfe=[T] * B, residual=[math.nan] * B,
                                 status=["converged" if ok else "nonfinite"] * B, residual_trace=[[] for _ in range(B)])
@@ -224,7 +227,7 @@ class RestorationModule(pl.LightningModule):
             result = sample_deq(self.model, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z,
                                 solver=ch.solver, max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
                                 options=ch.solver_options, init=ch.init, coarse_steps=ch.coarse_steps,
-                                eps_evaluator=evaluator, callback=on_round)
+                                eps_evaluator=evaluator, callback=on_round, form=ch.form, clip_x0=ch.clip_x0)
         st = result.stats
         per_round = st.nfe / max(1, B * st.rounds)
         init_nfe = result.init_nfe // B
@@ -257,7 +260,8 @@ class RestorationModule(pl.LightningModule):
         traces: list[dict[str, list[float]]] = [{"residual": t} for t in r.residual_trace]
         if self.evaluation.compare_sequential and self.chain.sampler != "sequential":
             evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch))
-            seq, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=op, y=p.y, z=p.z)
+            seq, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=op, y=p.y, z=p.z,
+                                       clip_x0=self.chain.clip_x0)
             seq = to_unit(seq.float())
             cols["psnr_to_sequential"] = _psnr(x0, seq)
             if r.round_x0:

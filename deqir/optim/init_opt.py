@@ -160,6 +160,8 @@ def optimize_init(
     max_batch: int | None = None,
     eps_evaluator: EpsEvaluator | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    map_form: str = "cumsum",
+    clip_x0: bool = False,
 ) -> InitOptResult:
     """Optimise x_T per image through the DEQ equilibrium against a weighted per-image objective.
 
@@ -183,6 +185,7 @@ def optimize_init(
         gradient: gradient attachment (default IFT, :class:`~deqir.deq.grad.DEQGradientConfig`).
         init_states: (B, T, C, H, W) states for the first solve (default: every slot = x_T).
         max_batch, eps_evaluator: model micro-batching / replacement evaluator, as ``ChainMap``.
+        map_form, clip_x0: the joint map's form (``cumsum`` | ``step``) and x0 clipping, as ``ChainMap``.
         callback: called after every evaluation with the history entry plus ``"x0"`` ((B', C, H, W) of the
             active images) and ``"index"`` (their batch indices).
 
@@ -234,7 +237,7 @@ def optimize_init(
             xa = sub(x_T)
             # 1. the map, differentiable in x_T (its constants hold the x_T graph)
             fmap = ChainMap(model, coeffs, xa, operator=operator, y=sub(y), z=sub(z), max_batch=max_batch,
-                            eps_evaluator=eps_evaluator)
+                            eps_evaluator=eps_evaluator, form=map_form, clip_x0=clip_x0)
             # 2. forward solve without autograd, warm-started
             z0 = sub(prev) if prev is not None else fmap.initial_state()
             z_star, stats = solver_fn(fmap, z0, max_iter=solve.max_iter, tol=solve.tol,

@@ -97,6 +97,8 @@ def invert_image(
     max_batch: int | None = None,
     eps_evaluator: EpsEvaluator | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    map_form: str = "cumsum",
+    clip_x0: bool = False,
 ) -> InitOptResult:
     """Find x_T whose DEQ restoration reproduces ``x``: DDIM inversion, then DEQ-gradient refinement.
 
@@ -107,7 +109,7 @@ def invert_image(
         init: ``"ddim"`` (:func:`ddim_invert`, whose path also warm-starts the first solve), ``"noise"``
             (x_T ~ N(0, I) from ``generator``) or a (B, C, H, W) tensor.
         steps, lr, patience, min_improvement, stop_below, solve, gradient, max_batch, eps_evaluator,
-        callback: as :func:`~deqir.optim.init_opt.optimize_init`.
+        callback, map_form, clip_x0: as :func:`~deqir.optim.init_opt.optimize_init`.
         prior_weight: weight of the Gaussian-shell ``prior`` term (0: reconstruction only).
 
     Returns:
@@ -134,5 +136,5 @@ def invert_image(
         model, coeffs, x_T0, losses=weights, operator=operator, y=y, z=z, reference=x, ground_truth=x,
         reference_kind="l2", steps=steps, lr=lr, patience=patience, min_improvement=min_improvement,
         stop_below=stop_below, solve=solve, gradient=gradient, init_states=init_states, max_batch=max_batch,
-        eps_evaluator=eps_evaluator, callback=callback,
+        eps_evaluator=eps_evaluator, callback=callback, map_form=map_form, clip_x0=clip_x0,
     )
