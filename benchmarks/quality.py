@@ -24,6 +24,7 @@ from deqir.deq.sampler import sample_deq  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid  # noqa: E402
 from deqir.diffusion.sequential import draw_chain_noise, sample_sequential  # noqa: E402
+from deqir.lit.builders import chain_settings  # noqa: E402
 from deqir.metrics import MetricSuite  # noqa: E402
 from deqir.operators import make_operator  # noqa: E402
 from deqir.utils.images import to_unit  # noqa: E402
@@ -32,42 +33,54 @@ from deqir.utils.runtime import tune_allocator  # noqa: E402
 TASKS = ["deblur", "sr4", "inpaint_text", "colorize", "sr_avgpool4", "deblur_aniso", "cs2", "denoise"]
 
 
+def app_config(task: str, overrides: list[str]) -> dict:
+    """The invert.py config for ``task=<task>`` (task presets included), composed by Hydra, as plain values."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="invert", overrides=[f"task={task}", *overrides])
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
 def task_operator(task: str, shape):
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/task/{task}.yaml"), resolve=True)
-    return make_operator(cfg["name"], shape, **(cfg.get("params") or {})), float(cfg.get("sigma_y", 0.0))
+    """(operator, sigma_y, the composed app config) for ``task``."""
+    cfg = app_config(task, [])
+    op = make_operator(cfg["task"]["name"], shape, **(cfg["task"].get("params") or {}))
+    return op, float(cfg["task"].get("sigma_y", 0.0)), cfg
 
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     model, note = load_model(device, "float32")
-    solver = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/solver/anderson.yaml"))
-    sampler = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sampler/deq.yaml"))  # the app's defaults
-    sampler.update({k: v for k, v in vars(args).items() if k in ("etw", "nw") and v is not None})
-    opts = {k: v for k, v in solver.items() if k not in ("name", "max_iter", "tol", "stop_mode")}
+    cli = [f"sampler.{k}={v}" for k, v in vars(args).items() if k in ("etw", "nw") and v is not None]
+    cli += list(args.override or [])
     x = sample_images(args.size, args.images).to(device)
     B, T = x.shape[0], args.T
     sched = NoiseSchedule.create()
     suite = MetricSuite(lpips_net=args.lpips, device=device)
     rows = []
     for task in args.tasks:
-        op, sigma_y = task_operator(task, tuple(x.shape[1:]))
+        op, sigma_y, _ = task_operator(task, tuple(x.shape[1:]))
+        cfg = app_config(task, [*cli, f"sampler.timesteps={T}"])  # as the app composes them: presets, overrides
+        st = chain_settings(cfg["sampler"], cfg["solver"])
         op = op.to(device=device, dtype=torch.float32)
         y = torch.cat([op.measure(x[b : b + 1], sigma_y, torch.Generator().manual_seed(100 + b)) for b in range(B)])
         gain = op.pinv_noise_gain() if sigma_y > 0 else 1.0
+        sampler = cfg["sampler"]
         coeffs = make_chain(sched, SamplingGrid.create(T), etw=sampler["etw"], nw=sampler["nw"],
                             sigma_y_eff=2 * sigma_y * gain, noise_aware=sampler["noise_aware"])
         gens = [torch.Generator().manual_seed(b) for b in range(B)]
-        x_T, z = draw_chain_noise(x.shape, T, gens, per_step_noise=sampler["per_step_noise"], device=device)
+        x_T, z = draw_chain_noise(x.shape, T, gens, per_step_noise=st.per_step_noise, device=device)
         t0 = time.perf_counter()
-        seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y, z=z, clip_x0=sampler["clip_x0"])
+        seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y, z=z, clip_x0=st.clip_x0)
         t_seq = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="anderson", max_iter=solver["max_iter"],
-                         tol=solver["tol"], options=opts, init=sampler["init"], coarse_steps=sampler["coarse_steps"],
-                         form=sampler["form"], clip_x0=sampler["clip_x0"])
+        res = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver=st.solver, max_iter=st.max_iter,
+                         tol=st.tol, stop_mode=st.stop_mode, options=st.solver_options, init=st.init,
+                         coarse_steps=st.coarse_steps, form=st.form, clip_x0=st.clip_x0)
         t_deq = time.perf_counter() - t0
         target = to_unit(x)
-        row = {"task": task, "sigma_y": sigma_y}
+        row = {"task": task, "sigma_y": sigma_y, "etw": sampler["etw"], "clip_x0": st.clip_x0, "solver": st.solver}
         for label, img in (("base", op.A_pinv(y)), ("seq", seq), ("deq", res.x0)):
             m = suite.compute(to_unit(img), target)
             for k, v in m.items():
@@ -87,6 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--T", type=int, default=25)
     ap.add_argument("--etw", type=float, default=None, help="override conf/sampler/deq.yaml")
     ap.add_argument("--nw", type=float, default=None, help="override conf/sampler/deq.yaml")
+    ap.add_argument("--override", nargs="*", default=None, metavar="KEY=VALUE",
+                    help="invert.py overrides, e.g. sampler.form=cumsum sampler.etw=0.1 solver=anderson_official")
     ap.add_argument("--lpips", default="vgg")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -97,8 +112,9 @@ def main(argv=None) -> None:
     tune_allocator()
     rows, note = run(args)
     print(f"\nmodel: {note}; {args.images} sample images at {args.size}^2, T={args.T}; chain and solver: "
-          f"conf/sampler/deq.yaml and conf/solver/anderson.yaml (overrides: etw={args.etw}, nw={args.nw})")
-    cols = [("task", "task", "")]
+          f"invert.py's composed config (sampler/deq, solver/anderson, the task's presets) "
+          f"(overrides: etw={args.etw}, nw={args.nw}, {' '.join(args.override or [])})")
+    cols = [("task", "task", ""), ("etw", "η", ".1f"), ("solver", "solver", "")]
     for k, h in (("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS")):
         for lab in ("base", "seq", "deq"):
             cols.append((f"{k}_{lab}", f"{h} {'A⁺y' if lab == 'base' else lab}", ".3f" if k != "psnr" else ".2f"))

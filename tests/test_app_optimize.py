@@ -11,7 +11,7 @@ from app_support import error_lines, run_cli, run_inprocess
 # The plumbing is what is tested here: a deterministic chain solved exactly (Picard, T rounds), so the
 # gradients through the random tiny UNet are meaningful.
 TINY = [*_TINY, "sampler.form=cumsum", "sampler.etw=0", "sampler.nw=0", "sampler.per_step_noise=false",
-        "solver=picard", "solver.max_iter=4", "solver.tol=0"]
+        "sampler.clip_x0=false", "solver=picard", "solver.max_iter=4", "solver.tol=0"]
 
 
 def rows(run_dir):

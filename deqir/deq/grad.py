@@ -260,7 +260,7 @@ class _AdjointBackward:
             adjoint_map, grad, max_iter=max_iter, tol=float(cfg.adjoint_tol), stop_mode=cfg.adjoint_stop_mode,
             **opts,
         )
-        del f_req, z_req
+        f_req = z_req = None  # free the rebuilt graph before the callback runs
         if self.on_backward is not None:
             finite = stats.best_residual[torch.isfinite(stats.best_residual)]
             self.on_backward({

@@ -92,7 +92,8 @@ class ChainMap:
         if form not in FORMS:
             raise ValueError(f"unknown map form {form!r}; valid: {', '.join(FORMS)}")
         if clip_x0 and form != "step":
-            raise ValueError("clip_x0 makes the step nonlinear in eps: it needs form='step'")
+            raise ValueError("clip_x0=true makes the step nonlinear in eps and needs form=step; "
+                             "set sampler.form=step or sampler.clip_x0=false")
         if (operator is None) != (y is None):
             raise ValueError("operator and y must be given together")
         T = len(coeffs)
