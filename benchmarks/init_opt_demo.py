@@ -59,7 +59,9 @@ def run(args) -> tuple[list[dict], str]:
             res = optimize_init(model, coeffs, x_T, losses=losses, operator=op, y=y, ground_truth=x,
                                 steps=args.steps, lr=args.lr, stop_below=stop, solve=solve, gradient=grad)
             s = res.summary()
+            cons0 = sum(res.history[0]["consistency"]) / B if "consistency" in res.history[0] else float("nan")
             rows.append({"demo": f"{task} σ_y={sigma_y}", "objective": label,
+                         "cons_over_noise": cons0 / (2 * sigma_y) ** 2,
                          "psnr_before": sum(r["psnr_init"] for r in s) / B, "psnr_after": sum(r["psnr_best"] for r in s) / B,
                          "steps": sum(r["best_step"] for r in s) / B, "seconds": time.perf_counter() - t0})
             print(rows[-1], flush=True)
@@ -105,6 +107,7 @@ def main(argv=None) -> None:
     print(f"\nmodel: {note}; {args.images} sample images at {args.size}^2, T={args.T}, {args.steps} Adam steps, "
           f"lr {args.lr}, gradient {args.gradient}")
     table = print_table(rows, [("demo", "demo", ""), ("objective", "objective", ""),
+                               ("cons_over_noise", "‖Ax0−y‖² / noise at step 0", ".2f"),
                                ("psnr_before", "PSNR before", ".2f"), ("psnr_after", "PSNR after", ".2f"),
                                ("loss_before", "loss before", ".4f"), ("loss_after", "loss after", ".4f"),
                                ("consistency_after", "‖Ax0−y‖ after", ".2e"),

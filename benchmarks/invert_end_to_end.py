@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--timesteps", type=int, default=25)
-    parser.add_argument("--model-dtype", default="auto", help="model_dtype (auto | model | float32 | bfloat16)")
+    parser.add_argument("--model-dtype", default="model", help="model_dtype (model | float32 | bfloat16 | auto)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP threads of the single-process runs (the 2-process runs use 1 each)")
     parser.add_argument("--quick", action="store_true", help="skip the 2-process runs")
