@@ -98,9 +98,13 @@ def run(args) -> dict:
             x_seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y, z=z)
             sync(device)
             t_seq = time.perf_counter() - t0
-            for solver in args.solvers:
+            variants = [(s, w) for s in args.solvers for w in (args.windows if s == "sliding_window" else [None])]
+            for solver, window in variants:
                 opts, max_iter = SOLVERS[solver]
                 max_iter = T if max_iter is None else max_iter
+                if window is not None:
+                    opts = {**opts, "window": window}
+                label = solver if window in (None, 8) else f"sliding_window(w={window})"
                 # 1) the stop rule, timed
                 sync(device)
                 with peak_memory(device) as mem:
@@ -117,12 +121,12 @@ def run(args) -> dict:
                            options=opts, max_iter=cap, tol=0.0, max_batch=args.max_batch, form=form,
                            callback=lambda info: curve.append(psnr(info["last_slot"], x_seq)))
                 r45 = next((i + 1 for i, p in enumerate(curve) if p >= 45.0), None)
-                row = dict(T=T, chain=chain, task=task, solver=solver, rounds_45=r45, psnr_seq=psnr(res.x0, x_seq),
+                row = dict(T=T, chain=chain, task=task, solver=label, rounds_45=r45, psnr_seq=psnr(res.x0, x_seq),
                            rounds=res.stats.rounds, work=res.nfe / (B * T), time_ratio=t_deq / t_seq,
                            t_deq=t_deq, t_seq=t_seq, peak_mb=mem.get("peak_mb"), status=res.stats.status,
                            curve=curve)
                 rows.append(row)
-                print(f"T={T} {chain} {task} {solver}: rounds_45={r45} psnr_seq={row['psnr_seq']:.1f} "
+                print(f"T={T} {chain} {task} {label}: rounds_45={r45} psnr_seq={row['psnr_seq']:.1f} "
                       f"rounds={row['rounds']} work={row['work']:.2f} time x{row['time_ratio']:.2f}", flush=True)
     return {"model": model_note, "rows": rows}
 
@@ -132,6 +136,7 @@ def main(argv=None) -> None:
     ap.add_argument("--T", type=int, nargs="+", default=[25, 50, 100])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
+    ap.add_argument("--windows", type=int, nargs="+", default=[8], help="sliding_window sizes (slots per round)")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--chains", nargs="+", default=list(CHAINS), choices=list(CHAINS))
