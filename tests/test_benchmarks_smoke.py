@@ -1,0 +1,52 @@
+"""The benchmark scripts the README quotes still run (tiny settings) and write sane JSON."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, args: list[str], out: Path) -> dict:
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--threads", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_quality_benchmark_composes_task_presets(tmp_path):
+    data = run_bench("quality.py", ["--tasks", "deblur", "colorize", "--size", "32", "--images", "1", "--T", "4"],
+                     tmp_path / "q.json")
+    rows = {r["task"]: r for r in data["rows"]}
+    assert rows["deblur"]["solver"] == "anderson" and rows["deblur"]["clip_x0"] is False
+    assert rows["colorize"]["solver"] == "picard" and rows["colorize"]["clip_x0"] is True  # the task's preset
+    assert rows["colorize"]["psnr_deq_seq"] > 60  # Picard is exact after T rounds
+    for r in rows.values():
+        assert all(math.isfinite(r[k]) for k in ("psnr_base", "psnr_seq", "psnr_deq"))
+
+
+@pytest.mark.slow
+def test_deq_vs_sequential_benchmark_windows(tmp_path):
+    data = run_bench("deq_vs_sequential.py", ["--T", "4", "--tasks", "deblur", "--solvers", "picard", "sliding_window",
+                                              "--windows", "2", "--images", "1", "--size", "32", "--chains", "default"],
+                     tmp_path / "d.json")
+    rows = {r["solver"]: r for r in data["rows"]}
+    assert set(rows) == {"picard", "sliding_window(w=2)"}
+    assert rows["picard"]["psnr_seq"] > 60 and rows["picard"]["work"] == pytest.approx(rows["picard"]["rounds"])
+    assert rows["sliding_window(w=2)"]["work"] < rows["picard"]["work"]
+
+
+@pytest.mark.slow
+def test_init_opt_demo_keeps_the_measurement(tmp_path):
+    data = run_bench("init_opt_demo.py", ["--size", "32", "--images", "1", "--T", "4", "--steps", "2",
+                                          "--max-iter", "4", "--demos", "colorize", "--reference-kind", "l2"],
+                     tmp_path / "i.json")
+    (row,) = data["rows"]
+    assert row["loss_after"] <= row["loss_before"]
+    assert row["consistency_after"] < 1e-3  # only the null space (colour) moves
