@@ -42,9 +42,9 @@ def app_config(task: str, overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
-def task_operator(task: str, shape):
-    """(operator, sigma_y, the composed app config) for ``task``."""
-    cfg = app_config(task, [])
+def task_operator(task: str, shape, overrides: list[str] | None = None):
+    """(operator, sigma_y, the composed app config) for ``task`` (plus invert.py ``overrides``)."""
+    cfg = app_config(task, list(overrides or []))
     op = make_operator(cfg["task"]["name"], shape, **(cfg["task"].get("params") or {}))
     return op, float(cfg["task"].get("sigma_y", 0.0)), cfg
 
@@ -60,8 +60,8 @@ def run(args) -> list[dict]:
     suite = MetricSuite(lpips_net=args.lpips, device=device)
     rows = []
     for task in args.tasks:
-        op, sigma_y, _ = task_operator(task, tuple(x.shape[1:]))
-        cfg = app_config(task, [*cli, f"sampler.timesteps={T}"])  # as the app composes them: presets, overrides
+        # composed as the app does: defaults, the task's presets, then the overrides
+        op, sigma_y, cfg = task_operator(task, tuple(x.shape[1:]), [*cli, f"sampler.timesteps={T}"])
         st = chain_settings(cfg["sampler"], cfg["solver"])
         op = op.to(device=device, dtype=torch.float32)
         y = torch.cat([op.measure(x[b : b + 1], sigma_y, torch.Generator().manual_seed(100 + b)) for b in range(B)])
