@@ -42,35 +42,18 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     """Restore every image of ``cfg.dataset``; returns the summary on rank 0 (None on other ranks)."""
     tune_allocator()
     _quiet(bool(cfg.get("verbose", False)))
-    plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    plain["model"]["dtype"] = builders.resolve_model_dtype(str(plain.get("model_dtype", "model")), plain["model"],
-                                                           str(plain["trainer"].get("accelerator", "auto")))
-    mode = str(plain.get("mode", "restore"))
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    if mode != "restore" and bool(plain["trainer"].get("inference_mode", False)):
-        raise ValueError(f"mode={mode} optimises through the sampler and needs gradients: set "
-                         f"trainer.inference_mode=false (Lightning's inference mode disables autograd)")
+    plain = plain_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     store = RunStore(run_dir)
     pl.seed_everything(int(plain["seed"]), workers=True, verbose=False)
 
-    task, data, sampler = plain["task"], plain["dataset"], plain["sampler"]
+    task, data = plain["task"], plain["dataset"]
     shape = builders.image_shape(data)
     op = builders.build_operator(task, shape)
     dataset = builders.build_dataset(data, shape, op)
     model = builders.build_model(plain["model"])
-    builders.check_size(shape, model)
-    sigma_y = float(task.get("sigma_y", 0.0))
-    coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
     timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
-    module = MODES[mode](
-        model, op, coeffs, sigma_y=sigma_y, seed=int(plain["seed"]),
-        chain=builders.chain_settings(sampler, plain["solver"]),
-        evaluation=builders.eval_settings(plain["eval"], task, has_target=data.get("name") != "real"),
-        timestep_parallel=timestep_parallel,
-        **builders.optimization_kwargs(mode, plain, shape),
-    )
+    module = build_module(plain, op, model, shape, timestep_parallel=timestep_parallel)
 
     if rank_zero_only.rank == 0:
         store.check_signature(builders.signature(plain), resume=bool(plain.get("resume", True)))
@@ -94,6 +77,37 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     elif rank_zero_only.rank != 0:
         return None
     return finalize(plain, store, writer, trainer, task_label, dataset.names)
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain values, with ``model.dtype`` resolved and ``mode`` checked."""
+    plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    plain["model"]["dtype"] = builders.resolve_model_dtype(str(plain["model_dtype"]), plain["model"],
+                                                           str(plain["trainer"].get("accelerator", "auto")))
+    mode = str(plain["mode"])
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode != "restore" and bool(plain["trainer"].get("inference_mode", False)):
+        raise ValueError(f"mode={mode} optimises through the sampler and needs gradients: set "
+                         f"trainer.inference_mode=false (Lightning's inference mode disables autograd)")
+    return plain
+
+
+def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple[int, int, int], *,
+                 timestep_parallel: bool = False) -> RestorationModule:
+    """The LightningModule of ``plain["mode"]`` for images of ``shape`` (shared by invert.py and deqir.api)."""
+    task, sampler = plain["task"], plain["sampler"]
+    builders.check_size(shape, model)
+    sigma_y = float(task["sigma_y"])
+    coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
+    mode = str(plain["mode"])
+    return MODES[mode](
+        model, op, coeffs, sigma_y=sigma_y, seed=int(plain["seed"]),
+        chain=builders.chain_settings(sampler, plain["solver"]),
+        evaluation=builders.eval_settings(plain["eval"], task, has_target=plain["dataset"].get("name") != "real"),
+        timestep_parallel=timestep_parallel,
+        **builders.optimization_kwargs(mode, plain, shape),
+    )
 
 
 def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, trainer: pl.Trainer | None,

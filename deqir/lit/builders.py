@@ -93,8 +93,8 @@ def build_chain(sampler_cfg: dict[str, Any], schedule: dict[str, Any], op: Opera
     grid = SamplingGrid.create(int(sampler_cfg["timesteps"]), num_train_steps=sched.num_steps,
                                skip_type=str(sampler_cfg.get("skip_type", "uniform")))
     sigma_eff = 2.0 * float(sigma_y) * (op.pinv_noise_gain() if sigma_y > 0 else 1.0)
-    return make_chain(sched, grid, etw=float(sampler_cfg.get("etw", 0.0)), nw=float(sampler_cfg.get("nw", 0.0)),
-                      sigma_y_eff=sigma_eff, noise_aware=bool(sampler_cfg.get("noise_aware", True)))
+    return make_chain(sched, grid, etw=float(sampler_cfg["etw"]), nw=float(sampler_cfg["nw"]),
+                      sigma_y_eff=sigma_eff, noise_aware=bool(sampler_cfg["noise_aware"]))
 
 
 def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any]) -> ChainSettings:
@@ -112,11 +112,11 @@ def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any]) -> C
     return ChainSettings(
         sampler=kind, solver=name,
         max_iter=int(max_iter) if max_iter is not None else int(sampler_cfg["timesteps"]),
-        tol=float(solver_cfg.get("tol", 1e-3)), stop_mode=str(solver_cfg.get("stop_mode", "rel")),
-        solver_options=options, init=str(sampler_cfg.get("init", "x_T")),
-        coarse_steps=int(sampler_cfg.get("coarse_steps", 5)), max_batch=sampler_cfg.get("max_batch"),
-        per_step_noise=bool(sampler_cfg.get("per_step_noise", False)),
-        form=str(sampler_cfg.get("form", "cumsum")), clip_x0=bool(sampler_cfg.get("clip_x0", False)),
+        tol=float(solver_cfg["tol"]), stop_mode=str(solver_cfg["stop_mode"]),
+        solver_options=options, init=str(sampler_cfg["init"]),
+        coarse_steps=int(sampler_cfg["coarse_steps"]), max_batch=sampler_cfg["max_batch"],
+        per_step_noise=bool(sampler_cfg["per_step_noise"]),
+        form=str(sampler_cfg["form"]), clip_x0=bool(sampler_cfg["clip_x0"]),
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -55,20 +55,20 @@ def image_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
 
 @dataclass(frozen=True)
 class ChainSettings:
-    """How the chain is solved (plain values from ``sampler/`` and ``solver/``)."""
+    """How the chain is solved (plain values from ``sampler/`` and ``solver/``; the defaults live there only)."""
 
-    sampler: str = "deq"  # "deq" | "sequential"
-    solver: str = "anderson"
-    max_iter: int = 15
-    tol: float = 1e-3
-    stop_mode: str = "rel"
-    solver_options: dict[str, Any] = field(default_factory=dict)
-    init: str = "x_T"
-    coarse_steps: int = 5
-    max_batch: int | None = None
-    per_step_noise: bool = False
-    form: str = "cumsum"  # map form: cumsum (the paper's) | step
-    clip_x0: bool = False
+    sampler: str  # "deq" | "sequential"
+    solver: str
+    max_iter: int
+    tol: float
+    stop_mode: str
+    solver_options: dict[str, Any]
+    init: str
+    coarse_steps: int
+    max_batch: int | None
+    per_step_noise: bool
+    form: str  # map form: step | cumsum (the paper's)
+    clip_x0: bool
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class RestorationModule(pl.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, operator: Operator, coeffs: ChainCoefficients, *, sigma_y: float = 0.0,
-                 seed: int = 0, chain: ChainSettings = ChainSettings(), evaluation: EvalSettings = EvalSettings(),
+                 seed: int = 0, chain: ChainSettings, evaluation: EvalSettings = EvalSettings(),
                  timestep_parallel: bool = False):
         super().__init__()
         self.model, self.operator, self.coeffs = model, operator, coeffs
