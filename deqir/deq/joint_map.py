@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from deqir.chains import ChainStep, DDNMStep, eps_and_vjp, slot_vjp
 from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.protocols import EpsModel, LinearOperator
 
@@ -73,6 +74,9 @@ class ChainMap:
         max_batch: largest number of images per model call (results do not depend on it).
         eps_evaluator: optional replacement for the model call, ``(x (N,C,H,W), t (N,)) -> eps`` — e.g. a
             distributed evaluator that splits the slots across ranks and all-gathers.
+        step_fn: the chain's step for the ``step`` form (:mod:`deqir.chains`, bound to this problem);
+            default: the DDNM step of ``coeffs``. Steps that need the model's VJP (PiGDM, DPS) make every
+            evaluation run the model under autograd.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class ChainMap:
         eps_evaluator: EpsEvaluator | None = None,
         form: str = "cumsum",
         clip_x0: bool = False,
+        step_fn: ChainStep | None = None,
     ):
         if form not in FORMS:
             raise ValueError(f"unknown map form {form!r}; valid: {', '.join(FORMS)}")
@@ -122,6 +127,19 @@ class ChainMap:
             self.W0_P = torch.cumprod(rho, 0)  # (T,)
         self.t_all = coeffs.t.to(x_T.device)
         self._build_constants(x_T, y, z)
+        # the step of the ``step`` form (deqir.chains); default: the DDNM chain of ``coeffs``
+        if step_fn is not None and step_fn.name != "ddnm" and form != "step":
+            raise ValueError(f"chain {step_fn.name!r} is solved in the map's step form: set sampler.form=step")
+        self.step_fn = step_fn or DDNMStep(coeffs, operator=operator, y=y, z=z, clip_x0=clip_x0, pinv_y=self.pinv_y)
+        self._vjp = None
+        if self.step_fn.needs_vjp:  # PiGDM / DPS: the model runs under autograd; its VJP feeds the step
+            plain_eval = self.eps_evaluator
+
+            def eval_with_vjp(x: Tensor, t: Tensor) -> Tensor:
+                eps, self._vjp = eps_and_vjp(plain_eval, x, t)
+                return eps
+
+            self.eps_evaluator = eval_with_vjp
 
     # -- constant (eps-independent) part -------------------------------------------------------
     def _build_constants(self, x_T: Tensor, y: Tensor | None, z: Tensor | None) -> None:
@@ -198,19 +216,9 @@ class ChainMap:
         return E if self.form == "cumsum" else self._steps(Z, E, lo, hi)
 
     def _steps(self, Z: Tensor, E: Tensor, lo: int, hi: int) -> Tensor:
-        """One sequential step (deqir.diffusion.chain) per slot: inputs Z and eps E (B, J, ...) -> outputs."""
-        co, ref = self.coeffs, Z
-        a, a_next = _bcast(co.a[lo:hi], ref), _bcast(co.a_next[lo:hi], ref)
-        x0 = (Z - torch.sqrt(1 - a) * E) / torch.sqrt(a)  # DDIM x0 prediction
-        if self.clip_x0:
-            x0 = x0.clamp(-1, 1)
-        if self.operator is not None:  # x0 - lam A^+(A x0 - y)
-            x0 = x0 - _bcast(co.lam[lo:hi], ref) * (self.project(x0) - self.pinv_y.unsqueeze(1))
-        out = torch.sqrt(a_next) * x0 + _bcast(co.c2[lo:hi], ref) * E
-        if self.z is not None and bool((co.c1[lo:hi] > 0).any()):
-            zz = self.z[:, lo:hi] if self.z.shape[1] > 1 else self.z
-            out = out + _bcast(co.c1[lo:hi], ref) * zz
-        return out
+        """One step of the chain (deqir.chains) per slot: inputs Z and eps E (B, J, ...) -> outputs."""
+        vjp, self._vjp = slot_vjp(self._vjp), None
+        return self.step_fn(Z, E, lo, hi, vjp=vjp)
 
     def states(self, E: Tensor) -> Tensor:
         """States of slots 0..J-1 from their eval_eps outputs E (B, J, C, H, W) (identity for ``step``)."""

@@ -100,6 +100,7 @@ def sample_deq(
     callback: Callable[[dict], None] | None = None,
     form: str = "cumsum",
     clip_x0: bool = False,
+    step_fn=None,
 ) -> DEQResult:
     """Restore by solving the joint fixed point of the T-step chain (all timesteps in one batch per round).
 
@@ -115,9 +116,10 @@ def sample_deq(
         callback: called once per round with the solver's info dict.
         form, clip_x0: the map's form (``cumsum``, the paper's, or ``step``) and x0 clipping (step form only);
             see :mod:`deqir.deq.joint_map`.
+        step_fn: the chain's step (:mod:`deqir.chains`, bound to this problem) for the step form; None = DDNM.
     """
     fmap = ChainMap(model, coeffs, x_T, operator=operator, y=y, z=z, max_batch=max_batch,
-                    eps_evaluator=eps_evaluator, form=form, clip_x0=clip_x0)
+                    eps_evaluator=eps_evaluator, form=form, clip_x0=clip_x0, step_fn=step_fn)
     init_nfe = 0
     if isinstance(init, Tensor):
         if init.shape != (x_T.shape[0], len(coeffs), *x_T.shape[1:]):

@@ -67,6 +67,7 @@ def sample_sequential(
     callback: Callable[[dict], None] | None = None,
     return_trajectory: bool = False,
     clip_x0: bool = False,
+    step_fn=None,
 ) -> tuple[Tensor, SequentialStats] | tuple[Tensor, SequentialStats, Tensor]:
     """Run the T-step chain from x_T (B, C, H, W); returns x0 (B, C, H, W) and stats.
 
@@ -77,7 +78,11 @@ def sample_sequential(
         return_trajectory: also return all T states (B, T, C, H, W) (the outputs of steps 0..T-1).
         clip_x0: clamp the x0 prediction to [-1, 1] before the rectification (a nonlinear chain; the DEQ
             solves it with the map's ``step`` form).
+        step_fn: a chain step of :mod:`deqir.chains` bound to this problem (DDRM, PiGDM, DiffPIR, DPS, ...);
+            None runs the DDNM chain of ``coeffs`` below. The DEQ step form applies the same step per slot.
     """
+    if step_fn is not None:
+        return _run_steps(model, coeffs, x_T, step_fn, callback, return_trajectory)
     return _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory, clip_x0)
 
 
@@ -85,6 +90,33 @@ def sample_sequential_with_grad(model, coeffs, x_T, *, operator=None, y=None, z=
                                 clip_x0=False):
     """Same chain with autograd enabled (reference for gradient checks; memory grows with T)."""
     return _run_chain(model, coeffs, x_T, operator, y, z, None, return_trajectory, clip_x0)
+
+
+def _run_steps(model, coeffs, x_T, step_fn, callback, return_trajectory):
+    """x_{j+1} = step_fn(x_j, eps_theta(x_j, t_j)) for j = 0..T-1 (one slot at a time, as the DEQ step form)."""
+    from deqir.chains import eps_and_vjp, slot_vjp
+
+    T = len(coeffs)
+    x, traj = x_T, []
+    for j in range(T):
+        t = torch.full((x.shape[0],), int(coeffs.t[j]), device=x.device, dtype=torch.long)
+        if step_fn.needs_vjp:
+            eps, vjp = eps_and_vjp(model, x, t)
+        else:
+            eps, vjp = model(x, t), None
+        eps = eps.to(x.dtype)
+        x_new = step_fn(x.unsqueeze(1), eps.unsqueeze(1), j, j + 1, vjp=slot_vjp(vjp))[:, 0].to(x_T.dtype)
+        if callback is not None:
+            a = float(coeffs.a[j])
+            x0_hat = (x - (1 - a) ** 0.5 * eps) / a**0.5
+            callback({"j": j, "t": int(coeffs.t[j]), "x": x_new, "x0_hat": x0_hat, "x0_tilde": x0_hat, "eps": eps})
+        x = x_new
+        if return_trajectory:
+            traj.append(x)
+    stats = SequentialStats(nfe=x_T.shape[0] * T, steps=T)
+    if return_trajectory:
+        return x, stats, torch.stack(traj, dim=1)
+    return x, stats
 
 
 def _run_chain(model, coeffs, x_T, operator, y, z, callback, return_trajectory, clip_x0=False):
