@@ -103,7 +103,7 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
     mode = str(plain["mode"])
     return MODES[mode](
         model, op, coeffs, sigma_y=sigma_y, seed=int(plain["seed"]),
-        chain=builders.chain_settings(sampler, plain["solver"]),
+        chain=builders.chain_settings(sampler, plain["solver"], plain.get("chain")),
         evaluation=builders.eval_settings(plain["eval"], task, has_target=plain["dataset"].get("name") != "real"),
         timestep_parallel=timestep_parallel,
         **builders.optimization_kwargs(mode, plain, shape),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import deqir
+from deqir.chains import chain_params
 from deqir.datasets.images import (IndexedImages, image_names, list_images, read_split_list, select_subset)
 from deqir.deq.solvers import solver_options
 from deqir.diffusion.chain import ChainCoefficients, make_chain
@@ -97,8 +98,19 @@ def build_chain(sampler_cfg: dict[str, Any], schedule: dict[str, Any], op: Opera
                       sigma_y_eff=sigma_eff, noise_aware=bool(sampler_cfg["noise_aware"]))
 
 
-def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any]) -> ChainSettings:
-    """Sampler + solver config -> :class:`ChainSettings` (solver extras become solver options)."""
+def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any],
+                   chain_cfg: dict[str, Any] | None = None) -> ChainSettings:
+    """Sampler + solver (+ chain/) config -> :class:`ChainSettings` (solver extras become solver options).
+
+    Chains other than ``ddnm`` exist only as steps, so they always use the map's ``step`` form.
+    """
+    chain = dict(chain_cfg or {"name": "ddnm"})
+    chain_name = str(chain.pop("name", "ddnm"))
+    params = {k: v for k, v in chain.items() if v is not None}
+    unknown = sorted(set(params) - set(chain_params(chain_name)) - {"clip_x0"})
+    if unknown:
+        raise ValueError(f"chain {chain_name!r} has no option(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(chain_params(chain_name) + ('clip_x0',))}")
     kind = str(sampler_cfg.get("name", "deq"))
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
@@ -116,7 +128,8 @@ def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any]) -> C
         solver_options=options, init=str(sampler_cfg["init"]),
         coarse_steps=int(sampler_cfg["coarse_steps"]), max_batch=sampler_cfg["max_batch"],
         per_step_noise=bool(sampler_cfg["per_step_noise"]),
-        form=str(sampler_cfg["form"]), clip_x0=bool(sampler_cfg["clip_x0"]),
+        form=str(sampler_cfg["form"]) if chain_name == "ddnm" else "step", clip_x0=bool(sampler_cfg["clip_x0"]),
+        chain=chain_name, chain_params=params,
     )
 
 
@@ -180,6 +193,8 @@ def signature(plain: dict[str, Any]) -> dict[str, Any]:
         sig["dataset"] = {k: v for k, v in sig["dataset"].items() if k not in ("num_workers", "limit")}
     if isinstance(sig.get("eval"), dict):
         sig["eval"] = {k: v for k, v in sig["eval"].items() if k not in ("fid", "fid_weights")}
+    if (plain.get("chain") or {}).get("name", "ddnm") != "ddnm":
+        sig["chain"] = plain["chain"]  # (ddnm runs keep the signature they had before chain/ existed)
     return sig
 
 
@@ -187,6 +202,9 @@ def optimization_kwargs(mode: str, plain: dict[str, Any], shape: tuple[int, int,
     """Extra constructor arguments of the ``optimize_init`` / ``invert`` modules (none for ``restore``)."""
     if mode == "restore":
         return {}
+    chain = str((plain.get("chain") or {}).get("name", "ddnm"))
+    if chain != "ddnm":
+        raise ValueError(f"mode={mode} optimises through the DDNM chain only; got chain={chain} (use chain=ddnm)")
     from deqir.deq.grad import DEQGradientConfig
     from deqir.lit.optimization import OptimizationSettings
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from deqir.chains import ChainStep, make_step
 from deqir.deq.joint_map import evaluate_in_chunks
 from deqir.deq.sampler import sample_deq
 from deqir.diffusion.chain import ChainCoefficients
@@ -69,6 +70,8 @@ class ChainSettings:
     per_step_noise: bool
     form: str  # map form: step | cumsum (the paper's)
     clip_x0: bool
+    chain: str = "ddnm"  # the restoration chain (chain/): ddnm | ddrm | pigdm | diffpir | dps
+    chain_params: dict[str, Any] = field(default_factory=dict)  # its parameters (chain/<name>.yaml)
 
 
 @dataclass(frozen=True)
@@ -205,10 +208,11 @@ class RestorationModule(pl.LightningModule):
         p = problem
         B = p.x_T.shape[0]
         evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, ch.max_batch))
+        step_fn = self.chain_step(p)
         with torch.no_grad():
             if ch.sampler == "sequential":
                 x0, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z,
-                                          clip_x0=ch.clip_x0)
+                                          clip_x0=ch.clip_x0, step_fn=step_fn)
                 ok = bool(torch.isfinite(x0).all())
                 return Restored(x0=x0, rounds=[T] * B, nfe=[T] * B, residual=[math.nan] * B,
                                 status=["converged" if ok else "nonfinite"] * B, residual_trace=[[] for _ in range(B)])
@@ -227,7 +231,8 @@ class RestorationModule(pl.LightningModule):
             result = sample_deq(self.model, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z,
                                 solver=ch.solver, max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
                                 options=ch.solver_options, init=ch.init, coarse_steps=ch.coarse_steps,
-                                eps_evaluator=evaluator, callback=on_round, form=ch.form, clip_x0=ch.clip_x0)
+                                eps_evaluator=evaluator, callback=on_round, form=ch.form, clip_x0=ch.clip_x0,
+                                step_fn=step_fn)
         st = result.stats
         per_round = st.nfe / max(1, B * st.rounds)
         init_nfe = result.init_nfe // B
@@ -241,6 +246,18 @@ class RestorationModule(pl.LightningModule):
             residual_trace=[[float(v) for v in trace[:, b] if math.isfinite(float(v))] for b in range(B)],
             round_x0=round_x0 if record else None,
         )
+
+    def chain_step(self, problem: Problem) -> ChainStep | None:
+        """The chain's step bound to this batch (deqir.chains); None for ``ddnm`` (the built-in DDNM chain)."""
+        ch = self.chain
+        if ch.chain == "ddnm":
+            return None
+        step = make_step(ch.chain, self.coeffs, operator=self.operator, y=problem.y, z=problem.z,
+                         sigma_y=self.sigma_y, **{"clip_x0": ch.clip_x0, **ch.chain_params})
+        if step.needs_vjp and self.timestep_parallel:
+            raise ValueError(f"chain={ch.chain} differentiates through the model and cannot split timesteps across "
+                             f"ranks: set parallel.timesteps=false (images are still split across ranks)")
+        return step
 
     def evaluate(self, problem: Problem, restored: Restored, seconds: float) -> BatchResult:
         """Per-image metrics and the [0, 1] images to save."""
@@ -261,7 +278,7 @@ class RestorationModule(pl.LightningModule):
         if self.evaluation.compare_sequential and self.chain.sampler != "sequential":
             evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch))
             seq, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=op, y=p.y, z=p.z,
-                                       clip_x0=self.chain.clip_x0)
+                                       clip_x0=self.chain.clip_x0, step_fn=self.chain_step(p))
             seq = to_unit(seq.float())
             cols["psnr_to_sequential"] = _psnr(x0, seq)
             if r.round_x0:
