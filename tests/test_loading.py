@@ -20,11 +20,10 @@ from deqir.models import (
 )
 from deqir.models import loading
 from deqir.models.loading import KNOWN_MODELS
+from manifests import golden_config, golden_io, golden_state_dict, manifest, save_golden_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "model"
-MANIFESTS = Path(os.environ.get("DEQIR_MANIFESTS", ROOT.parent / "shared" / "checkpoint-manifests"))
-needs_manifests = pytest.mark.skipif(not MANIFESTS.is_dir(), reason="checkpoint manifests not available")
 CELEBA_URL = "https://image-editing-test-12345.s3-us-west-2.amazonaws.com/checkpoints/celeba_hq.ckpt"
 ADM_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
 
@@ -55,13 +54,11 @@ def _assert_loads_tiny(path: Path, sd: dict, **kw) -> None:
 # containers
 
 
-@needs_manifests
-@pytest.mark.parametrize(("arch", "config_key"), [("ddpm", "config"), ("adm", "ctor_kwargs")])
-def test_golden_state_dicts_through_load_eps_model(arch, config_key):
-    config = json.loads((MANIFESTS / f"golden/{arch}_small.json").read_text())[config_key]
-    config = {k: v for k, v in config.items() if k != "num_diffusion_timesteps"}
-    model = load_eps_model(arch, config, MANIFESTS / f"golden/{arch}_small_state_dict.pt")
-    io = torch.load(MANIFESTS / f"golden/{arch}_small_io.pt", weights_only=True)
+@pytest.mark.parametrize("arch", ["ddpm", "adm"])
+def test_golden_state_dicts_through_load_eps_model(tmp_path, arch):
+    path = save_golden_state_dict(arch, tmp_path / f"{arch}_small_state_dict.pt")  # the fixture file, bit for bit
+    model = load_eps_model(arch, golden_config(arch), path)
+    io = golden_io(arch)
     with torch.no_grad():
         for case in ("case_a", "case_b"):
             out = model(io[case]["x"], io[case]["t"])
@@ -252,7 +249,7 @@ def test_model_configs_share_one_schema_and_match_the_registry():
 def test_model_configs_compose_with_hydra():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf_train"), version_base="1.3"):  # train.py's tree
         for name in ("celeba_hq_ddpm", "imagenet256_adm", "diffusers", "tiny_ddpm", "tiny_adm"):
             cfg = compose(config_name="train", overrides=[f"model={name}"])
             assert cfg.model.name == name
@@ -263,11 +260,9 @@ def test_model_configs_compose_with_hydra():
 
 
 def test_ddpm_to_diffusers_key_map_matches_manifest():
-    if not MANIFESTS.is_dir():
-        pytest.skip("checkpoint manifests not available")
-    info = json.loads((MANIFESTS / "diffusers_unet2d_state_dicts.json").read_text())
+    info = manifest("diffusers_unet2d_state_dicts.json")
     key_map = info["ddpm_model_to_diffusers_key_map"]["map"]
-    keys = json.loads((MANIFESTS / "celeba_hq_ddpm.json").read_text())["state_dict"]
+    keys = manifest("celeba_hq_ddpm.json")["state_dict"]
     assert {k: ddpm_key_to_diffusers(k, 6) for k in keys} == key_map
     converted = ddpm_config_to_diffusers(KNOWN_MODELS["celeba_hq_ddpm"]["config"])
     google = info["google_ddpm_celebahq_256"]["config"]
@@ -275,12 +270,10 @@ def test_ddpm_to_diffusers_key_map_matches_manifest():
     assert {k: v for k, v in converted.items() if k in google} == public
 
 
-@needs_manifests
 def test_golden_ddpm_converted_to_diffusers_reproduces(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    config = json.loads((MANIFESTS / "golden/ddpm_small.json").read_text())["config"]
-    config = {k: v for k, v in config.items() if k != "num_diffusion_timesteps"}
-    sd = torch.load(MANIFESTS / "golden/ddpm_small_state_dict.pt", weights_only=True)
+    config = golden_config("ddpm")
+    sd = golden_state_dict("ddpm")
     unet = diffusers.UNet2DModel(**ddpm_config_to_diffusers(config))
     unet.load_state_dict({k: v.float() for k, v in ddpm_state_dict_to_diffusers(sd).items()}, strict=True)
     unet.save_pretrained(tmp_path / "pipe" / "unet")  # pipeline layout: the UNet lives in unet/
@@ -289,7 +282,7 @@ def test_golden_ddpm_converted_to_diffusers_reproduces(tmp_path):
         {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000}))
     model = load_eps_model(**model_cfg("diffusers", ckpt_path=str(tmp_path / "pipe"), schedule=None))
     assert model.describe()["schedule"]["name"] == "linear"
-    io = torch.load(MANIFESTS / "golden/ddpm_small_io.pt", weights_only=True)
+    io = golden_io("ddpm")
     with torch.no_grad():
         for case in ("case_a", "case_b"):
             torch.testing.assert_close(model(io[case]["x"], io[case]["t"]), io[case]["out"], atol=1e-5, rtol=1e-5)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,7 @@ import torch
 
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid, make_betas, timestep_embedding, timestep_grid
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "checkpoint-manifests" / "golden"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason="checkpoint manifests not available")
+from manifests import GOLDEN
 
 
 def reference_alpha_bar(t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +90,6 @@ def test_deqir_sanity_values_for_25_steps():
     assert torch.allclose(a_next[:-1], a[1:]) and a_next[-1].item() == 1.0
 
 
-@needs_golden
 @pytest.mark.parametrize(("arch", "flavor", "dim"), [("ddpm", "ddpm", 32), ("ddpm", "ddpm", 128),
                                                      ("adm", "adm", 32), ("adm", "adm", 256)])
 def test_timestep_embeddings_are_exact(arch, flavor, dim):
@@ -101,7 +98,6 @@ def test_timestep_embeddings_are_exact(arch, flavor, dim):
     assert torch.equal(timestep_embedding(ref["t"].long(), dim, flavor), ref[f"dim{dim}"])
 
 
-@needs_golden
 def test_ddpm_embedding_float32_trap_is_avoided():
     """The manifest's trap: forming ln(1e4)/(half-1) in float32 changes the embedding by ~3e-5 at t = 999."""
     ref = torch.load(GOLDEN / "ddpm_small_io.pt", weights_only=True)["timestep_embedding"]
