@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deqir.chains.base import ChainStep, Vjp, ddim_eta_coefficients, flat
+from deqir.chains.base import ChainStep, Vjp, bcast, ddim_eta_coefficients, flat
 from deqir.operators.base import SVDOperator
 
 
@@ -77,16 +77,19 @@ class PiGDMStep(_Guided):
 
 
 class DPSStep(_Guided):
-    """DPS step. Args: zeta (step size, official 0.3 SR/deblur, 0.5 inpainting), eta (DDIM eta, default 0)."""
+    """DPS step. Args: zeta (step size, official 0.3 SR/deblur, 0.5 inpainting; a float, or one per step),
+    eta (DDIM eta, default 0)."""
 
     name = "dps"
 
     def __init__(self, coeffs, *, operator=None, y=None, z=None, sigma_y: float = 0.0, clip_x0: bool = True,
-                 zeta: float = 1.0, eta: float = 0.0):
+                 zeta: float | list[float] = 1.0, eta: float = 0.0):
         super().__init__(coeffs, operator=operator, y=y, z=z, sigma_y=sigma_y, clip_x0=clip_x0)
-        if zeta < 0 or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"dps needs zeta >= 0 and eta in [0, 1], got zeta={zeta}, eta={eta}")
-        self.zeta, self.eta = float(zeta), float(eta)
+        zeta_t = torch.as_tensor(zeta, dtype=torch.float64).flatten()
+        if zeta_t.numel() not in (1, self.num_slots) or bool((zeta_t < 0).any()) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"dps needs zeta >= 0 (one value or one per step) and eta in [0, 1], got zeta={zeta}, "
+                             f"eta={eta}")
+        self.zeta, self.eta = zeta_t.expand(self.num_slots), float(eta)
 
     def residual_gradient(self, x: Tensor, eps: Tensor, a: Tensor, vjp: Vjp | None) -> Tensor:
         """grad_{x_j} |y - A x0_hat(x_j)| per slot (B, J, C, H, W) (through the clamp when clip_x0)."""
@@ -109,6 +112,6 @@ class DPSStep(_Guided):
         out = a_next.sqrt() * x0 + c2 * eps_hat
         if self.eta > 0:
             out = out + c1 * self.noise(lo, hi, x, required=True)
-        if self.operator is not None and self.zeta > 0:
-            out = out - self.zeta * self.residual_gradient(x, eps, a, vjp)
+        if self.operator is not None and bool((self.zeta[lo:hi] > 0).any()):
+            out = out - bcast(self.zeta[lo:hi], x) * self.residual_gradient(x, eps, a, vjp)
         return out
