@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Restorer", "RestoreResult", "__version__", "compose_config", "restore"]
+__all__ = ["RestoreResult", "Restorer", "__version__", "compose_config", "restore"]
 
 if TYPE_CHECKING:
-    from deqir.api import RestoreResult, Restorer, compose_config, restore
+    from deqir.api import Restorer, RestoreResult, compose_config, restore
 
 
 def __getattr__(name: str) -> Any:

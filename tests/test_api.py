@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from app_support import REPO, TINY, pixels, run_inprocess
 
 import deqir
-from app_support import REPO, TINY, pixels, run_inprocess
 
 # The CLI's tiny run; the API gets the same overrides minus the dataset's (it reads the given images).
 API_TINY = [o for o in TINY if not o.startswith("dataset.")]
@@ -82,7 +82,7 @@ def test_bad_override_lists_valid_options():
 def test_docs_example_runs(capsys):
     """docs/api.md's first python block runs as written (<= 10 lines)."""
     text = (REPO / "docs" / "api.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
     assert len(code.strip().splitlines()) <= 10
     exec(compile(code, "docs/api.md", "exec"), {})
     assert "PSNR" in capsys.readouterr().out

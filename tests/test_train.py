@@ -1,4 +1,4 @@
-"""train.py on the CPU with a tiny model: learns, checkpoints, resumes, exports, loads in invert.py (issue 7 §4)."""
+"""train.py on the CPU with a tiny model: learns, checkpoints, resumes, exports, loads in invert.py (docs/app.md, deqir/weights/README.md)."""
 from __future__ import annotations
 
 import csv
@@ -24,8 +24,12 @@ def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    """(step, loss) of every run into ``run_dir`` (a resumed run logs to the next csv/version_N)."""
+    out = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            out += [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,8 @@ def test_resume_continues_at_the_same_step(trained, tmp_path):
     train(run, "trainer.max_steps=70", "checkpoint_every=30")
     after = [s for s, _ in losses(run) if s not in before]
     assert after and min(after) >= 60  # no step is trained twice
+    assert sorted((run / "csv").glob("version_*/metrics.csv"))[0].is_file()  # the first run's metrics are kept
+    assert before <= {s for s, _ in losses(run)}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 70
 
@@ -77,3 +83,24 @@ def test_trained_weights_load_in_invert(trained, tmp_path, which):
                           f"hydra.run.dir={out}"], capture_output=True, text=True, env=ENV, cwd=str(REPO), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "metrics.json").is_file()
+
+
+def test_train_has_its_own_config_tree():
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True, env=ENV,
+                         cwd=str(REPO), timeout=120, check=True)
+    groups = {ln.split(":")[0] for ln in res.stdout.split("== Config groups ==")[1].split("== Config ==")[0]
+              .splitlines() if ": " in ln}
+    assert groups == {"logger", "model", "train_data", "trainer"}
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf_train"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=gpu", "+trainer.profiler=simple"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.max_steps == 20000
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+
+
+def test_unknown_trainer_key_is_an_error(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "+trainer.no_such_arg=1",
+                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=ENV, cwd=str(REPO),
+                         timeout=300, check=False)
+    assert res.returncode != 0 and "no_such_arg" in res.stderr

@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -23,8 +22,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from deqir.lit import builders, report
 from deqir.lit.datamodule import RestorationDataModule
-from deqir.lit.progress import ImageProgressBar
+from deqir.lit.instantiate import build_callbacks, instantiate_strict
 from deqir.lit.optimization import InitOptimizationModule, InversionModule
+from deqir.lit.progress import ImageProgressBar
 from deqir.lit.restoration import RestorationError, RestorationModule
 from deqir.lit.writer import RestorationWriter, RunStore
 from deqir.metrics import MetricUnavailableWarning
@@ -68,7 +68,8 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     if todo:
         logger = build_logger(plain.get("logger"), run_dir)
         trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
-                                callbacks=[writer, ImageProgressBar(datamodule.local_count, desc=task_label)])
+                                callbacks=[writer, ImageProgressBar(datamodule.local_count, desc=task_label),
+                                           *build_callbacks(plain.get("callbacks"))])
         if logger:
             rank_zero_only(logger.log_hyperparams)(plain)
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
@@ -140,15 +141,17 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
 
 # ------------------------------------------------------------------------------------------------ pieces
 def build_trainer(tr: dict[str, Any], run_dir: Path, logger, timestep_parallel: bool, callbacks: list) -> pl.Trainer:
-    """A predict-only Trainer from the plain ``trainer/`` keys."""
-    plugins = []
-    if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=bool(tr.get("slurm_auto_requeue", False))))
-    return pl.Trainer(
-        accelerator=tr.get("accelerator", "auto"), devices=tr.get("devices", 1), num_nodes=int(tr.get("num_nodes", 1)),
-        strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"),
-        inference_mode=bool(tr.get("inference_mode", False)), deterministic=tr.get("deterministic", False),
-        benchmark=tr.get("benchmark"), logger=logger or False, callbacks=callbacks, enable_progress_bar=True,
+    """A predict-only Trainer instantiated from ``trainer/`` (``_target_``); unknown keys are an error.
+
+    The app owns the logger, callbacks, progress bar, checkpointing (off) and the distributed sampler; under
+    SLURM it adds Lightning's SLURMEnvironment with requeueing off (submitit owns the signal).
+    """
+    cfg = dict(tr)
+    plugins = [instantiate_strict("trainer.plugins", p) for p in (cfg.pop("plugins", None) or [])]
+    if SLURMEnvironment.detect() and not any(isinstance(p, SLURMEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return instantiate_strict(
+        "trainer", cfg, logger=logger or False, callbacks=callbacks, enable_progress_bar=True,
         enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=not timestep_parallel,
         default_root_dir=str(run_dir), plugins=plugins or None,
     )
@@ -171,7 +174,7 @@ def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
             run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(cfg["id"])
         cfg.setdefault("resume", "allow")
-    return hydra.utils.instantiate(cfg)
+    return instantiate_strict("logger", cfg)
 
 
 def log_results(logger, store: RunStore, records: list[dict[str, Any]], summary: dict[str, Any],

@@ -7,14 +7,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from deqir.datasets.photos import PatchPyramidDataset, load_default_photos, load_folder_photos
+from deqir.datasets.photos import (
+    PatchPyramidDataset,
+    load_default_photos,
+    load_folder_photos,
+)
+from deqir.lit.instantiate import build_callbacks, instantiate_strict
 from deqir.lit.training import DiffusionTrainingModule
 from deqir.lit.training_callbacks import SampleGridCallback, export_ema
 from deqir.utils.runtime import resolve_precision, tune_allocator
@@ -42,10 +46,10 @@ class WallClock(pl.Callback):
         self.seconds = float(state["seconds"])
 
 
-def build_logger(cfg_logger: DictConfig | None):
+def build_logger(cfg_logger: dict[str, Any] | None):
     if not cfg_logger or "_target_" not in cfg_logger:
         return False
-    return hydra.utils.instantiate(cfg_logger)
+    return instantiate_strict("logger", cfg_logger)
 
 
 def run_training(cfg: DictConfig) -> Path:
@@ -81,12 +85,12 @@ def run_training(cfg: DictConfig) -> Path:
         SampleGridCallback(str(run_dir / "samples"), every_n_steps=cfg.sample_every),
         clock,
     ]
-    precision = resolve_precision(tr.precision, tr.accelerator)
-    trainer = pl.Trainer(
-        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
-        precision=precision, max_steps=tr.max_steps, gradient_clip_val=tr.gradient_clip_val,
-        log_every_n_steps=tr.log_every_n_steps, logger=build_logger(cfg.get("logger")), callbacks=callbacks,
-        enable_checkpointing=True, default_root_dir=str(run_dir), enable_model_summary=False,
+    callbacks += build_callbacks(OmegaConf.to_container(cfg.get("callbacks"), resolve=True))
+    precision = resolve_precision(str(tr.precision), str(tr.accelerator))
+    trainer = instantiate_strict(
+        "trainer", OmegaConf.to_container(tr, resolve=True), precision=precision,
+        logger=build_logger(OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None),
+        callbacks=callbacks, enable_checkpointing=True, default_root_dir=str(run_dir), enable_model_summary=False,
     )
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if (cfg.resume and last.is_file()) else None
