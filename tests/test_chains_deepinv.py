@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TinyEps
 
 from deqir.chains import make_step
-from deqir.chains.peers import EpsDenoiser, coefficients_on, diffpir_grid, dps_deepinv_zeta, vp_times
+from deqir.chains.peers import (
+    EpsDenoiser,
+    coefficients_on,
+    diffpir_grid,
+    dps_deepinv_zeta,
+    vp_times,
+)
 from deqir.diffusion.schedule import SamplingGrid
 from deqir.diffusion.sequential import sample_sequential
 from deqir.operators import make_operator
-from tiny_models import TinyEps
 
 dinv = pytest.importorskip("deepinv")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
