@@ -43,8 +43,9 @@ def test_outputs_layout_and_metrics(base_run):
     assert metrics["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))
     assert summary["psnr"] == pytest.approx(metrics["psnr"])
     assert (run / "grid.png").is_file() and (run / "convergence.png").is_file()
-    # grid: 3 rows (input / restored / ground truth) x 2 columns of 32 px tiles with 2 px padding
-    assert pixels(run / "grid.png").shape[:2] == (3 * 34 + 2, 2 * 34 + 2)
+    # grid: 3 labelled rows (input / restored / ground truth) x 2 columns of 32 px tiles (shown 4x, so the
+    # name + PSNR captions fit), plus 110 x 45 px of margins for the labels
+    assert pixels(run / "grid.png").shape[:2] == ((3 * 34 + 2) * 4 + 45, (2 * 34 + 2) * 4 + 110)
 
 
 def test_psnr_is_computed_on_the_saved_images(base_run):

@@ -34,6 +34,8 @@ from deqir.utils.runtime import tune_allocator
 MODES: dict[str, type[RestorationModule]] = {
     "restore": RestorationModule, "optimize_init": InitOptimizationModule, "invert": InversionModule,
 }
+#: Hydra's run log (``<run dir>/invert.log``, file only: conf/invert.yaml): the summary line and the warnings.
+RUN_LOG = logging.getLogger("deqir.runlog")
 #: Errors the CLI reports as one line (``error: ...``, exit status 2) instead of a traceback.
 USER_ERRORS = (ValueError, OSError, RestorationError, ImportError)
 
@@ -62,13 +64,13 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
                                        done=lambda: store.done_indices(dataset.names),
                                        sharded=not timestep_parallel)
     writer = RestorationWriter(store, rank_zero_only=timestep_parallel)
-    task_label = _choice("task", str(task["name"]))
+    task_label = "invert" if _unconditional(plain) else _choice("task", str(task["name"]))
     todo = datamodule.compute_todo()
     trainer = None
     if todo:
         logger = build_logger(plain.get("logger"), run_dir)
         trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
-                                callbacks=[writer, ImageProgressBar(datamodule.local_count, desc=task_label),
+                                callbacks=[writer, _progress_bar(store, todo, task_label),
                                            *build_callbacks(plain.get("callbacks"))])
         if logger:
             rank_zero_only(logger.log_hyperparams)(plain)
@@ -98,10 +100,12 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
                  timestep_parallel: bool = False) -> RestorationModule:
     """The LightningModule of ``plain["mode"]`` for images of ``shape`` (shared by invert.py and deqir.api)."""
     task, sampler = plain["task"], plain["sampler"]
+    mode = str(plain["mode"])
+    if mode == "invert":
+        sampler = invert_sampler(sampler, plain["optimize"])
     builders.check_size(shape, model)
     sigma_y = float(task["sigma_y"])
     coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
-    mode = str(plain["mode"])
     return MODES[mode](
         model, op, coeffs, sigma_y=sigma_y, seed=int(plain["seed"]),
         chain=builders.chain_settings(sampler, plain["solver"], plain.get("chain")),
@@ -109,6 +113,17 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
         timestep_parallel=timestep_parallel,
         **builders.optimization_kwargs(mode, plain, shape),
     )
+
+
+def invert_sampler(sampler: dict[str, Any], optimize: dict[str, Any]) -> dict[str, Any]:
+    """mode=invert's chain: ``optimize.invert_chain`` = deterministic (etw = nw = 0, one shared z; the default,
+    it reproduces images far better than the stochastic restoration chain) or ``sampler`` (as configured)."""
+    kind = str(optimize.get("invert_chain", "sampler"))
+    if kind not in ("deterministic", "sampler"):
+        raise ValueError(f"optimize.invert_chain must be deterministic or sampler, got {kind!r}")
+    if kind == "sampler":
+        return sampler
+    return {**sampler, "etw": 0.0, "nw": 0.0, "per_step_noise": False}
 
 
 def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, trainer: pl.Trainer | None,
@@ -126,16 +141,24 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
         if fid is not None:
             summary["fid"] = fid
     sampler = str(plain["sampler"].get("name", "deq"))
-    summary.update(task=task_label, operator=str(plain["task"]["name"]), sampler=sampler,
-                   solver=None if sampler == "sequential" else str(plain["solver"]["name"]),
+    operator = str(plain["task"]["name"])
+    if _unconditional(plain):
+        operator = "none (unconditional inversion)"
+    deq = sampler != "sequential"
+    summary.update(task=task_label, operator=operator, sampler=sampler,
+                   solver=str(plain["solver"]["name"]) if deq else None,
+                   max_iter=builders.chain_settings(plain["sampler"], plain["solver"]).max_iter if deq else None,
                    timesteps=int(plain["sampler"]["timesteps"]), model=str(plain["model"].get("name")),
                    lpips_net=ev.get("lpips") if "lpips" in summary else None)
     report.write_metrics(store, summary)
     report.write_grid(store, records)
-    conv = report.write_convergence(store, records, stop_mode=str(plain["solver"].get("stop_mode", "rel")))
+    conv = report.write_convergence(store, records, stop_mode=str(plain["solver"]["stop_mode"]),
+                                   tol=float(plain["solver"]["tol"]) if plain["mode"] == "restore" else None)
     if trainer is not None and trainer.logger:
         log_results(trainer.logger, store, records, summary, conv)
-    print(report.summary_line(task_label, sampler, summary, store.root, fid), flush=True)
+    line = report.summary_line(task_label, sampler, summary, store.root, fid)
+    print(line, flush=True)
+    RUN_LOG.info(line)
     return summary
 
 
@@ -205,6 +228,21 @@ def log_results(logger, store: RunStore, records: list[dict[str, Any]], summary:
         logger.save()
 
 
+def _progress_bar(store: RunStore, todo: list[int], desc: str) -> ImageProgressBar:
+    """Rank 0's bar counts every rank's finished images (records written, the last file of an image) against
+    the global total, so a 2-process run shows 2/2, not 1/1."""
+    def records() -> int:
+        return sum(1 for _ in store.records_dir.glob("*.json")) if store.records_dir.is_dir() else 0
+
+    before = records()
+    return ImageProgressBar(lambda rank, world: len(todo), desc=desc, done=lambda: records() - before)
+
+
+def _unconditional(plain: dict[str, Any]) -> bool:
+    """mode=invert without the operator: the task's operator and measurement play no part."""
+    return plain["mode"] == "invert" and not (plain.get("optimize") or {}).get("invert_with_operator")
+
+
 def _choice(group: str, default: str) -> str:
     try:
         return str(HydraConfig.get().runtime.choices.get(group) or default)
@@ -233,3 +271,12 @@ def _quiet(verbose: bool) -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = one_line
+    if not getattr(warnings.showwarning, "_deqir_logs", False):
+        show = warnings.showwarning
+
+        def show_and_log(message, category, filename, lineno, file=None, line=None):
+            show(message, category, filename, lineno, file, line)
+            RUN_LOG.warning(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+        show_and_log._deqir_logs = True  # type: ignore[attr-defined]
+        warnings.showwarning = show_and_log

@@ -37,10 +37,10 @@ class OptimizationSettings:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "OptimizationSettings":
         known = {f for f in cls.__dataclass_fields__}
-        unknown = set(cfg) - known - {"reference_path"}
+        unknown = set(cfg) - known - {"reference_path", "invert_chain"}  # read by the app's builders
         if unknown:
             raise ValueError(f"unknown optimize.* key(s) {sorted(unknown)}; valid: {', '.join(sorted(known))}, "
-                             f"reference_path")
+                             f"reference_path, invert_chain")
         vals = {k: v for k, v in cfg.items() if k in known}
         if "losses" in vals:
             vals["losses"] = {str(k): float(v) for k, v in (vals["losses"] or {}).items()}
@@ -61,6 +61,7 @@ class InitOptimizationModule(RestorationModule):
         self.reference = reference
         self.lpips_loss = None
         self._log_step = 0
+        self.progress_labels = ("step", "loss")  # round_hook reports optimisation steps, not solver rounds
 
     def on_predict_start(self) -> None:
         super().on_predict_start()
@@ -130,15 +131,17 @@ class InitOptimizationModule(RestorationModule):
             extra.append(row)
             traces.append([h["loss"][b] for h in hist if math.isfinite(h["loss"][b])])
         best_hist = [hist[s] for s in res.best_step]
+        # the solver's facts at the kept step: status compares its residual with solver.tol
+        residuals = [float(h["solver_residual"][b]) if isinstance(h["solver_residual"], list)
+                     else float(h["solver_residual"]) for b, h in enumerate(best_hist)]
         return Restored(
             x0=res.x0_best,
             rounds=[int(h["solver_rounds"]) for h in best_hist],
             nfe=[int(s["nfe"]) for s in summary],
-            residual=[float(h["solver_residual"][b]) if isinstance(h["solver_residual"], list)
-                      else float(h["solver_residual"]) for b, h in enumerate(best_hist)],
-            status=["nonfinite" if s == "nonfinite" else "converged" for s in res.status],
-            residual_trace=traces,
-            extra=extra,
+            residual=residuals,
+            residual_trace=traces, trace_key="loss", extra=extra,
+            status=["nonfinite" if s == "nonfinite" else ("converged" if r <= self.chain.tol else "max_iter")
+                    for s, r in zip(res.status, residuals)],
         )
 
 
@@ -164,3 +167,11 @@ class InversionModule(InitOptimizationModule):
             map_form=self.chain.form, clip_x0=self.chain.clip_x0,
         )
         return self.to_restored(res)
+
+    def evaluate(self, problem: Problem, restored: Restored, seconds: float):
+        out = super().evaluate(problem, restored, seconds)
+        if not self.optimization.invert_with_operator:  # unconditional: there is no measurement to agree with
+            for row in out.rows:
+                row.pop("consistency", None)
+                row.pop("cons", None)
+        return out

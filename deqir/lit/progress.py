@@ -1,4 +1,5 @@
-"""A progress bar in images (not batches) that also shows the current solver round and residual."""
+"""A progress bar in images (not batches) that also shows the current solver round and residual
+(or, in the optimisation modes, the optimisation step and loss)."""
 from __future__ import annotations
 
 import sys
@@ -13,13 +14,17 @@ class ImageProgressBar(ProgressBar):
     """``images done / total`` on rank 0 with ``round k, residual r`` of the image(s) being solved.
 
     Args:
-        total: callable ``(rank, world_size) -> images this rank will process``.
+        total: callable ``(rank, world_size) -> images the bar counts`` (all ranks' with ``done``).
         desc: label in front of the bar.
+        done: optional callable returning how many images all ranks have finished so far (e.g. from the run
+            directory); without it the bar counts rank 0's own batches.
     """
 
-    def __init__(self, total: Callable[[int, int], int], desc: str = "restoring"):
+    def __init__(self, total: Callable[[int, int], int], desc: str = "restoring",
+                 done: Callable[[], int] | None = None):
         super().__init__()
-        self.total_fn, self.desc = total, desc
+        self.total_fn, self.desc, self.done_fn = total, desc, done
+        self.labels = ("round", "residual")
         self._enabled = True
         self.bar: tqdm | None = None
 
@@ -36,6 +41,7 @@ class ImageProgressBar(ProgressBar):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if hasattr(pl_module, "round_hook"):
             pl_module.round_hook = self.set_round
+        self.labels = getattr(pl_module, "progress_labels", ("round", "residual"))
         if not (self._enabled and trainer.is_global_zero):
             return
         self.bar = tqdm(total=self.total_fn(trainer.global_rank, trainer.world_size), desc=self.desc, unit="img",
@@ -44,11 +50,16 @@ class ImageProgressBar(ProgressBar):
     def set_round(self, round_: int, residual: float) -> None:
         """Called by the module after every solver round."""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"round {round_}, residual {residual:.2e}", refresh=True)
+            self.bar.set_postfix_str(f"{self.labels[0]} {round_}, {self.labels[1]} {residual:.2e}", refresh=True)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.bar is not None:
+        if self.bar is None:
+            return
+        if self.done_fn is None:
             self.bar.update(len(batch["index"]))
+        else:
+            self.bar.n = min(int(self.bar.total or 0), self.done_fn())
+            self.bar.refresh()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.on_predict_end(trainer, pl_module)

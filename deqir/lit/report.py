@@ -1,7 +1,4 @@
-"""End-of-run outputs: metrics.json, grid.png, convergence.png and the one-line summary.
-
-Plots are drawn with Pillow only (no matplotlib dependency).
-"""
+"""End-of-run outputs: metrics.json, grid.png, convergence.png (matplotlib) and the one-line summary."""
 from __future__ import annotations
 
 import json
@@ -12,11 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from deqir.datasets.images import read_image, to_tensor
 from deqir.lit.writer import RunStore, _json_safe, write_text
-from deqir.utils.images import atomic_write_bytes, grid, save_png
+from deqir.utils.images import atomic_write_bytes
 
 MEAN_COLUMNS = ("psnr", "ssim", "lpips", "cons", "consistency", "rounds", "nfe", "residual", "seconds",
                 "psnr_to_sequential", "psnr_init", "loss_init", "loss_best", "best_step")
@@ -45,23 +41,36 @@ def _load(path: Path) -> torch.Tensor | None:
 
 
 def write_grid(store: RunStore, records: Sequence[dict[str, Any]], max_images: int = 8) -> Path | None:
-    """grid.png: rows input / restored / ground truth (when present), one column per image."""
+    """grid.png: labelled rows input / restored / ground truth (when present), one column per image, with each
+    image's name and PSNR (``torchvision.utils.make_grid`` for the tiles, matplotlib for the labels)."""
+    from torchvision.utils import make_grid
+
     recs = list(records)[:max_images]
     if not recs:
         return None
-    rows: list[list[torch.Tensor | None]] = [[], [], []]
-    for r in recs:
-        name = r["name"]
-        rows[0].append(_load(store.inputs / f"{name}.png"))
-        rows[1].append(_load(store.images / f"{name}.png"))
-        rows[2].append(_load(store.targets / f"{name}.png"))
-    ref = rows[1][0]
-    tiles = []
-    for row in rows:
-        if all(t is None for t in row):
-            continue
-        tiles += [t if t is not None and t.shape == ref.shape else torch.ones_like(ref) for t in row]
-    return save_png(grid(torch.stack(tiles), nrow=len(recs)), store.root / "grid.png")
+    folders = (("input", store.inputs), ("restored", store.images), ("ground truth", store.targets))
+    rows = [(label, [_load(folder / f"{r['name']}.png") for r in recs]) for label, folder in folders]
+    ref = rows[1][1][0]
+    if ref is None:
+        return None
+    rows = [(label, tiles) for label, tiles in rows if any(t is not None for t in tiles)]
+    tiles = [t if t is not None and t.shape == ref.shape else torch.ones_like(ref) for _, row in rows for t in row]
+    pad = 2
+    image = make_grid(torch.stack(tiles), nrow=len(recs), padding=pad, pad_value=1.0)
+    (_, h, w), (gh, gw) = ref.shape, image.shape[1:]
+    captions = [f"{str(r['name'])[:18]}" + (f"\n{float(r['psnr']):.2f} dB" if r.get("psnr") is not None else "")
+                for r in recs]
+    scale = max(1, math.ceil(110 / w))  # small images are shown enlarged so that the captions fit
+    fw, fh = gw * scale + 110, gh * scale + 45
+    fig = _figure(fw / 100, fh / 100)
+    ax = fig.add_axes((100 / fw, 40 / fh, gw * scale / fw, gh * scale / fh))
+    ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(len(recs))], captions, fontsize=7)
+    ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(len(rows))], [label for label, _ in rows], fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    return _save(fig, store.root / "grid.png")
 
 
 def fid_from_files(store: RunStore, records: Sequence[dict[str, Any]], weights: str | None,
@@ -83,72 +92,55 @@ def fid_from_files(store: RunStore, records: Sequence[dict[str, Any]], weights: 
 
 
 # ------------------------------------------------------------------------------------------- plots
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot: the caller's backend is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: Sequence[Sequence[float]], title: str,
-           log: bool, font) -> None:
-    x0, y0, x1, y1 = box
-    left, bottom, top = x0 + 58, y1 - 28, y0 + 22
-    draw.rectangle((left, top, x1 - 10, bottom), outline=(0, 0, 0))
-    draw.text((left, y0 + 4), title, fill=(0, 0, 0), font=font)
-    vals = [v for s in series for v in s if math.isfinite(v) and (v > 0 or not log)]
-    if not vals:
-        draw.text((left + 10, top + 10), "no data", fill=(0, 0, 0), font=font)
-        return
-    f = (lambda v: math.log10(v)) if log else (lambda v: v)
-    lo, hi = f(min(vals)), f(max(vals))
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    n = max(len(s) for s in series)
-    width, height = (x1 - 10) - left, bottom - top
-
-    def pt(i: int, v: float) -> tuple[float, float]:
-        return left + (i / max(1, n - 1)) * width, bottom - (f(v) - lo) / (hi - lo) * height
-
-    for k, tick in enumerate(np.linspace(lo, hi, 5)):
-        yy = bottom - (tick - lo) / (hi - lo) * height
-        label = f"{10 ** tick:.1e}" if log else f"{tick:.3g}"
-        draw.line((left - 3, yy, left, yy), fill=(0, 0, 0))
-        draw.text((x0 + 2, yy - 5), label, fill=(0, 0, 0), font=font)
-    for i in range(n):
-        xx = left + (i / max(1, n - 1)) * width
-        draw.line((xx, bottom, xx, bottom + 3), fill=(0, 0, 0))
-        if n <= 20 or i % max(1, n // 10) == 0:
-            draw.text((xx - 3, bottom + 6), str(i + 1), fill=(0, 0, 0), font=font)
-    draw.text((x1 - 60, bottom + 14), "round", fill=(0, 0, 0), font=font)
-    for k, s in enumerate(series):
-        pts = [pt(i, v) for i, v in enumerate(s) if math.isfinite(v) and (v > 0 or not log)]
-        color = _COLORS[k % len(_COLORS)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for p in pts:
-            draw.ellipse((p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2), fill=color)
+def _save(fig, path: Path) -> Path:
+    return atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def write_convergence(store: RunStore, records: Sequence[dict[str, Any]], stop_mode: str = "rel",
-                      max_series: int = 10) -> Path | None:
-    """convergence.png: residual vs round (log scale) and, when recorded, PSNR to sequential vs round."""
-    recs = [r for r in records if r.get("trace", {}).get("residual")][:max_series]
+                      tol: float | None = None, max_series: int = 10) -> Path | None:
+    """convergence.png, one line per image (first ``max_series``):
+
+    * restore: the solver's residual per round (log scale) with the tolerance line, and, when recorded
+      (``eval.compare_sequential=true``), the PSNR of each round's x0 to the sequential chain;
+    * optimize_init / invert: the optimisation objective per step (its solver statistics are CSV columns).
+    """
+    recs = [r for r in records if (r.get("trace") or {}).get("residual") or (r.get("trace") or {}).get("loss")]
+    recs = recs[:max_series]
     if not recs:
         return None
-    panels = [([r["trace"]["residual"] for r in recs], f"{stop_mode} residual ||f(X) - X|| per image", True)]
-    if any(r["trace"].get("psnr_to_sequential") for r in recs):
-        panels.append(([r["trace"].get("psnr_to_sequential", []) for r in recs],
-                       "PSNR of f(X) to the sequential chain (dB)", False))
-    w, h = 560, 300
-    img = Image.new("RGB", (w * len(panels), h + 16 * ((len(recs) + 3) // 4) + 8), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    for k, (series, title, log) in enumerate(panels):
-        _panel(draw, (k * w, 0, (k + 1) * w, h), series, title, log, font)
-    for k, r in enumerate(recs):  # legend
-        xx, yy = 60 + (k % 4) * 130, h + 4 + (k // 4) * 16
-        draw.rectangle((xx, yy + 3, xx + 10, yy + 9), fill=_COLORS[k % len(_COLORS)])
-        draw.text((xx + 14, yy), str(r["name"])[:16], fill=(0, 0, 0), font=font)
-    path = store.root / "convergence.png"
-    return atomic_write_bytes(path, lambda tmp: img.save(tmp, format="PNG"))
+    key = "residual" if any(r["trace"].get("residual") for r in recs) else "loss"
+    panels = [key] + (["psnr_to_sequential"] if any(r["trace"].get("psnr_to_sequential") for r in recs) else [])
+    fig = _figure(5.2 * len(panels), 3.6)
+    for k, what in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for r in recs:
+            ys = [float(v) for v in r["trace"].get(what, [])]
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=2.5, linewidth=1.2, label=str(r["name"])[:18])
+        if what == "residual":
+            ax.set_yscale("log")
+            ax.set(title=f"solver residual per round ({stop_mode})", xlabel="solver round",
+                   ylabel="||f(X) - X|| / ||X||" if stop_mode == "rel" else "||f(X) - X||")
+            if tol:
+                ax.axhline(tol, color="black", linestyle="--", linewidth=1, label=f"tol {tol:g}")
+        elif what == "loss":
+            ax.set(title="optimisation objective per step", xlabel="optimisation step", ylabel="loss")
+        else:
+            ax.set(title="PSNR of the round's x0 to the sequential chain", xlabel="solver round", ylabel="dB")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, which="major", alpha=0.3)
+    fig.axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, store.root / "convergence.png")
 
 
 def summary_line(task: str, sampler: str, summary: dict[str, Any], run_dir: Path, fid: float | None = None) -> str:
@@ -160,6 +152,10 @@ def summary_line(task: str, sampler: str, summary: dict[str, Any], run_dir: Path
                      ("seconds", "{:.1f} s/img")):
         if summary.get(key) is not None:
             parts.append(fmt.format(summary[key]))
+    frac = summary.get("converged_fraction")
+    if frac is not None and frac < 1 and summary.get("max_iter"):
+        capped = round((1 - frac) * summary["n_images"])
+        parts.append(f"{capped}/{summary['n_images']} stopped at the round cap (solver.max_iter={summary['max_iter']})")
     if fid is not None:
         parts.append(f"FID {fid:.2f} (n={summary['n_images']})")
     if summary.get("uses_oracle"):

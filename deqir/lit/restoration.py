@@ -120,6 +120,7 @@ class Restored:
     residual_trace: list[list[float]]
     round_x0: list[Tensor] | None = None
     extra: list[dict[str, Any]] | None = None  # per-image extra CSV columns (e.g. optimisation results)
+    trace_key: str = "residual"  # what residual_trace holds: solver residual per round, or "loss" per step
 
 
 @dataclass
@@ -155,6 +156,7 @@ class RestorationModule(pl.LightningModule):
         self.chain, self.evaluation, self.timestep_parallel = chain, evaluation, timestep_parallel
         self.suite: MetricSuite | None = None
         self.round_hook: Callable[[int, float], None] | None = None
+        self.progress_labels = ("round", "residual")  # what round_hook reports (the progress bar's words)
         self._evaluator: Callable[[Tensor, Tensor], Tensor] | None = None
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -274,7 +276,7 @@ class RestorationModule(pl.LightningModule):
         cols["consistency"] = consistency(lambda x: op.A(2 * x - 1) / 2, q, p.y / 2)
         if self.evaluation.colorization:
             cols["cons"] = colorization_consistency(q, (p.y + 1) / 2, A=lambda x: (op.A(2 * x - 1) + 1) / 2)
-        traces: list[dict[str, list[float]]] = [{"residual": t} for t in r.residual_trace]
+        traces: list[dict[str, list[float]]] = [{r.trace_key: t} for t in r.residual_trace]
         if self.evaluation.compare_sequential and self.chain.sampler != "sequential":
             evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch))
             seq, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=op, y=p.y, z=p.z,
