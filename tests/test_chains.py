@@ -161,6 +161,9 @@ def test_chain_config_errors_list_the_options():
     plain = {k: dict(cfg[k]) for k in ("sampler", "solver", "chain")}
     st = chain_settings(plain["sampler"], plain["solver"], plain["chain"])
     assert st.chain == "diffpir" and st.form == "step" and st.chain_params["clip_x0"] is True
+    assert st.per_step_noise  # fresh noise every step even where a task asks DDNM for one shared image
+    denoise = compose_cfg(["task=denoise", "chain=ddrm"])
+    assert chain_settings(dict(denoise.sampler), dict(denoise.solver), dict(denoise.chain)).per_step_noise
     with pytest.raises(ValueError, match="valid: lam, zeta"):
         chain_settings(plain["sampler"], plain["solver"], {**plain["chain"], "lamda": 2})
     with pytest.raises(ValueError, match="valid: ddnm, ddrm"):

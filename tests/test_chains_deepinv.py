@@ -74,3 +74,23 @@ def test_dps_matches_deepinv_ddim():
     assert (ours / 2 + 0.5 - ref).abs().max() < 1e-4
     unguided, _ = sample_sequential(MODEL, co, x_T, step_fn=make_step("dps", co, operator=op, y=y, zeta=0.0))
     assert (unguided / 2 + 0.5 - ref).abs().max() > 1e-2  # the check sees the guidance
+
+
+@pytest.mark.slow
+def test_peers_benchmark_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "peers.json"
+    res = subprocess.run([sys.executable, str(root / "benchmarks/peers.py"), "--size", "32", "--images", "1", "--T", "4",
+                          "--peer-steps", "4", "--ddrm-seeds", "1", "--tasks", "inpaint_random", "--chains", "ddrm",
+                          "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=root,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert {"deqir ddrm seq", "deqir ddrm DEQ", "deepinv DDRM (4)", "deepinv DiffPIR (4)", "deepinv DPS (4)"} <= methods
+    assert set(data["ddrm_agreement"]) == {"inpaint_random"}

@@ -5,6 +5,7 @@ Everything here takes plain Python values (``OmegaConf.to_container(cfg, resolve
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import torch
 
 import deqir
 from deqir.chains import chain_params
-from deqir.datasets.images import (IndexedImages, image_names, list_images, read_split_list, select_subset)
+from deqir.datasets.images import (IndexedImages, apply_limit, image_names, list_images, read_split_list,
+                                   select_subset)
 from deqir.deq.solvers import solver_options
 from deqir.diffusion.chain import ChainCoefficients, make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
@@ -90,6 +92,9 @@ def build_operator(task_cfg: dict[str, Any], shape: tuple[int, int, int]) -> Ope
 def build_chain(sampler_cfg: dict[str, Any], schedule: dict[str, Any], op: Operator,
                 sigma_y: float) -> ChainCoefficients:
     """Chain coefficients; sigma_y_eff = 2 sigma_y gain(A+) (sigma_y on [0, 1], the chain on [-1, 1])."""
+    if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y >= 0):
+        raise ValueError(f"task.sigma_y must be a finite number >= 0 (the noise std on the [0, 1] scale), "
+                         f"got {sigma_y}")
     sched = NoiseSchedule.create(**schedule)
     grid = SamplingGrid.create(int(sampler_cfg["timesteps"]), num_train_steps=sched.num_steps,
                                skip_type=str(sampler_cfg.get("skip_type", "uniform")))
@@ -102,7 +107,8 @@ def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any],
                    chain_cfg: dict[str, Any] | None = None) -> ChainSettings:
     """Sampler + solver (+ chain/) config -> :class:`ChainSettings` (solver extras become solver options).
 
-    Chains other than ``ddnm`` exist only as steps, so they always use the map's ``step`` form.
+    Chains other than ``ddnm`` exist only as steps, so they always use the map's ``step`` form, and they draw
+    one fresh noise image per step (``sampler.per_step_noise`` is the DDNM chain's official-compatibility switch).
     """
     chain = dict(chain_cfg or {"name": "ddnm"})
     chain_name = str(chain.pop("name", "ddnm"))
@@ -127,7 +133,7 @@ def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any],
         tol=float(solver_cfg["tol"]), stop_mode=str(solver_cfg["stop_mode"]),
         solver_options=options, init=str(sampler_cfg["init"]),
         coarse_steps=int(sampler_cfg["coarse_steps"]), max_batch=sampler_cfg["max_batch"],
-        per_step_noise=bool(sampler_cfg["per_step_noise"]),
+        per_step_noise=bool(sampler_cfg["per_step_noise"]) or chain_name != "ddnm",
         form=str(sampler_cfg["form"]) if chain_name == "ddnm" else "step", clip_x0=bool(sampler_cfg["clip_x0"]),
         chain=chain_name, chain_params=params,
     )
@@ -162,9 +168,7 @@ def build_dataset(dataset_cfg: dict[str, Any], shape: tuple[int, int, int], op: 
     else:
         paths = list_images(root, recursive=bool(dataset_cfg.get("recursive", True)))
     paths = select_subset(paths, dataset_cfg.get("subset"))
-    limit = dataset_cfg.get("limit")
-    if limit is not None:
-        paths = paths[: int(limit)]
+    paths = apply_limit(paths, dataset_cfg.get("limit"))
     if not paths:
         raise ValueError(f"dataset {kind!r} at {root} selects no images (check dataset.subset / dataset.limit)")
     names = image_names(paths, root)
