@@ -45,4 +45,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from deqir.lit.writer import run_dir_problem
+
+    if (problem := run_dir_problem(sys.argv[1:])) is not None:  # before Hydra creates the run directory
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()

@@ -4,13 +4,17 @@ Every item carries its position in the *full* dataset (``index``), from which th
 streams are derived, so a result never depends on the batch size, the rank or on which images were
 already done in an earlier (resumed) run.
 
-Image reading is strict and explains itself: missing, corrupt and truncated files raise
-:class:`ImageReadError` (a ``ValueError``) naming the file; grayscale, palette, 16-bit and opaque RGBA
-images are converted to RGB (16-bit precision is kept until the 8-bit outputs); images with transparent
-pixels are refused, because no background colour is right for every use.
+Image reading is strict and explains itself: missing, corrupt, truncated and oversized files raise
+:class:`ImageReadError` (a ``ValueError``) naming the file; EXIF orientation is applied; grayscale, palette,
+16-bit and opaque RGBA images are converted to RGB (16-bit PNG precision is kept until the 8-bit outputs);
+images with transparent pixels are refused, because no background colour is right for every use. Limits
+and formats: :mod:`deqir.datasets.decode`.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -21,40 +25,76 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from deqir.datasets import decode
+from deqir.datasets.decode import ImageReadError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 ColorMode = Literal["rgb", "gray"]
-
-
-class ImageReadError(ValueError):
-    """An input image cannot be used (missing, corrupt, truncated, transparent, unsupported)."""
+#: Longest output name in bytes: leaves room for suffixes and temporary-file decorations under the usual
+#: 255-byte file name limit. Longer names keep their start and get a hash of the full name.
+MAX_NAME_BYTES = 180
+#: A sub-folder holding these is an invert.py run directory: its images are outputs, never inputs.
+RUN_DIR_MARKERS = ("run.json", "records")
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_image(path: str | Path, mode: ColorMode = "rgb") -> np.ndarray:
-    """Read an image as float32 (H, W, 3) for ``rgb`` or (H, W, 1) for ``gray``, values on [0, 1].
+def read_image(path: str | Path, mode: ColorMode = "rgb", max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as float32 (H, W, 3) for ``rgb`` or (H, W, 1) for ``gray``, values on [0, 1], upright.
+
+    Args:
+        max_pixels: decode limit (None: ``$DEQIR_MAX_IMAGE_PIXELS`` or 50 MP); larger JPEGs are decoded at
+            a reduced scale, other larger images are refused before their pixels are decoded.
 
     Raises:
-        ImageReadError: missing/corrupt/truncated file, transparent pixels or an unsupported pixel format.
+        ImageReadError: missing/corrupt/truncated/oversized file, transparent pixels or an unsupported format.
     """
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"image not found: {path}")
     if not path.is_file():
         raise ImageReadError(f"not an image file: {path}")
+    limit = decode.max_pixels(max_pixels)
     try:
-        with Image.open(path) as im:
-            im.load()
-            arr = _to_float(im, path)
+        with _open(path) as im:
+            decode.fit_pixel_limit(im, path, limit)
+            orientation = decode.exif_orientation(im)
+            header = decode.png_header(path) if im.format == "PNG" else None
+            if header is not None and header[2] == 16 and header[3] in (2, 4, 6):  # 16-bit colour / gray+alpha
+                arr = _png16_to_float(decode.read_png16_color(path), path)
+            else:
+                decode.warn_if_truncated_precision(im, path)
+                im.load()
+                arr = _to_float(im, path)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(f"cannot read image {path}: not an image format PIL knows (corrupt file?)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"image {path} is too large to decode ({err}); shrink it first") from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImageReadError(f"cannot read image {path}: {reason} (truncated or corrupt file?)") from None
+    arr = decode.apply_orientation(arr, orientation)
     if mode == "gray":
         return arr.mean(axis=2, keepdims=True) if arr.shape[2] == 3 else arr
     return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` without PIL's decompression-bomb warning (the pixel limit is checked separately)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _png16_to_float(arr: np.ndarray, path: Path) -> np.ndarray:
+    """uint16 (H, W, C) of a 16-bit PNG (C = 2 gray+alpha, 3 RGB, 4 RGBA) -> float32 on [0, 1], alpha checked."""
+    if arr.shape[2] in (2, 4):
+        if int(arr[..., -1].min()) < 65535:
+            raise ImageReadError(f"image {path} has transparent pixels (16-bit with alpha); flatten it onto a "
+                                 f"background first or save it without alpha")
+        arr = arr[..., :-1]
+    return arr.astype(np.float32) / 65535.0
 
 
 def _to_float(im: Image.Image, path: Path) -> np.ndarray:
@@ -129,7 +169,7 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     if not folder.is_dir():
         raise ImageReadError(f"not a folder: {folder.absolute()} (dataset.path must be a directory of images)")
     try:
-        entries = folder.rglob("*") if recursive else folder.iterdir()
+        entries = _walk(folder) if recursive else folder.iterdir()
         files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     except PermissionError as err:
         raise ImageReadError(f"cannot read folder {folder.absolute()}: {err.strerror}") from None
@@ -138,16 +178,54 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     return files
 
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is an ``invert.py`` run directory (its images are outputs)."""
+    return all((folder / m).exists() for m in RUN_DIR_MARKERS)
+
+
+def _walk(folder: Path):
+    """Every file below ``folder`` (no symlinked folders), skipping run directories nested in it."""
+    for top, dirs, files in os.walk(folder, onerror=_raise):
+        dirs[:] = [d for d in dirs if not is_run_dir(Path(top) / d)]
+        yield from (Path(top) / f for f in files)
+
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
 def image_names(paths: Sequence[Path], root: str | Path) -> list[str]:
-    """Output names: the file stem, or the path relative to ``root`` joined by '__' when stems repeat."""
+    """Output names: the file stem, or the path relative to ``root`` joined by '__' when stems repeat.
+
+    Names longer than :data:`MAX_NAME_BYTES` (UTF-8) keep their start plus ``~`` and 10 hex digits of a hash.
+    """
     stems = [p.stem for p in paths]
     if len(set(stems)) == len(stems):
-        return stems
+        return [_short_name(n) for n in stems]
     root = Path(root)
     names = ["__".join(p.relative_to(root).with_suffix("").parts) if p.is_relative_to(root) else p.stem for p in paths]
     if len(set(names)) != len(names):
         names = [f"{i:05d}_{n}" for i, n in enumerate(names)]
-    return names
+    return [_short_name(n) for n in names]
+
+
+def _short_name(name: str) -> str:
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    head = name.encode()[: MAX_NAME_BYTES - 11].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
+def apply_limit(paths: list[Path], limit: int | str | None) -> list[Path]:
+    """The first ``limit`` paths (``dataset.limit``: a positive integer, or None for all)."""
+    if limit is None:
+        return paths
+    if isinstance(limit, bool) or not isinstance(limit, (int, str)) or not str(limit).strip().isdigit() \
+            or int(limit) < 1:
+        raise ValueError(f"dataset.limit must be a positive integer (the number of images) or null for all, "
+                         f"got {limit!r}")
+    return paths[: int(limit)]
 
 
 def read_split_list(list_path: str | Path, root: str | Path) -> list[Path]:
@@ -206,34 +284,39 @@ class IndexedImages(Dataset):
         crop: centre-crop to a square before resizing.
         mode: ``rgb`` (3 channels) or ``gray`` (1 channel, for real colorization inputs).
         key: dict key of the image in each item (``"image"`` for ground truth, ``"y"`` for measurements).
+        max_pixels: decode limit per file (None: ``$DEQIR_MAX_IMAGE_PIXELS`` or 50 MP).
 
     Items: ``{"index": int, "name": str, key: (C, H, W) float32 on [0, 1]}``.
     """
 
     def __init__(self, paths: Sequence[Path], names: Sequence[str], size: int | Sequence[int] | None = None,
-                 crop: bool = True, mode: ColorMode = "rgb", key: str = "image"):
+                 crop: bool = True, mode: ColorMode = "rgb", key: str = "image", max_pixels: int | None = None):
         if len(paths) != len(names):
             raise ValueError("need one name per path")
         self.paths, self.names = list(paths), list(names)
-        self.size, self.crop, self.mode, self.key = size, crop, mode, key
+        self.size, self.crop, self.mode, self.key, self.max_pixels = size, crop, mode, key, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def check_files(self) -> None:
-        """Fail early (before anything is written) when a listed file is missing or not an image."""
+        """Fail early (before anything is written) when a listed file is missing, too large or not an image."""
+        limit = decode.max_pixels(self.max_pixels)
         for p in self.paths:
             if not p.is_file():
                 raise ImageReadError(f"image not found: {p}")
             try:
-                with Image.open(p) as im:
+                with _open(p) as im:
+                    decode.fit_pixel_limit(im, p, limit)
                     im.verify()
+            except ImageReadError:
+                raise
             except Exception as err:  # PIL raises many types for bad headers
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise ImageReadError(f"cannot read image {p}: {reason} (corrupt file?)") from None
 
     def __getitem__(self, i: int) -> dict:
-        arr = center_crop_resize(read_image(self.paths[i], self.mode), self.size, self.crop)
+        arr = center_crop_resize(read_image(self.paths[i], self.mode, self.max_pixels), self.size, self.crop)
         return {"index": int(i), "name": self.names[i], self.key: to_tensor(arr)}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 SKIMAGE_TRAIN = ("rocket", "hubble_deep_field", "retina", "immunohistochemistry")
@@ -52,10 +52,11 @@ def load_default_photos(lomiri: str = "auto") -> list[tuple[str, np.ndarray]]:
 
 
 def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
-    """Read an image file as uint8 HxWx3 RGB (grayscale replicated, alpha dropped, 16-bit scaled)."""
+    """Read an image file as uint8 HxWx3 RGB (upright by EXIF, grayscale replicated, alpha dropped, 16-bit scaled)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as raw:
+            im = ImageOps.exif_transpose(raw)
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)

@@ -73,7 +73,8 @@ def make_chain(
     if nw < 0:
         raise ValueError(f"nw must be >= 0, got {nw}")
     if sigma_y_eff < 0 or not math.isfinite(sigma_y_eff):
-        raise ValueError(f"sigma_y must be a finite value >= 0, got {sigma_y_eff}")
+        raise ValueError(f"sigma_y_eff (2 sigma_y times the pseudo-inverse noise gain, [-1, 1] units) must be a "
+                         f"finite value >= 0, got {sigma_y_eff}")
     t = torch.tensor(grid.t, dtype=torch.long)
     a = schedule.alpha_bar(list(grid.t))
     a_next = schedule.alpha_bar(list(grid.t_next))

@@ -57,6 +57,7 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
     module = build_module(plain, op, model, shape, timestep_parallel=timestep_parallel)
 
+    store.prepare(dataset.paths, batch_size=int(plain.get("batch_size", 1)))  # inputs outside the run dir, hashes
     if rank_zero_only.rank == 0:
         store.check_signature(builders.signature(plain), resume=bool(plain.get("resume", True)))
     datamodule = RestorationDataModule(dataset, batch_size=int(plain.get("batch_size", 1)),

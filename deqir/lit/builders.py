@@ -5,6 +5,7 @@ Everything here takes plain Python values (``OmegaConf.to_container(cfg, resolve
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import torch
 
 import deqir
 from deqir.chains import chain_params
-from deqir.datasets.images import (IndexedImages, image_names, list_images, read_split_list, select_subset)
+from deqir.datasets.images import (IndexedImages, apply_limit, image_names, list_images, read_split_list,
+                                   select_subset)
 from deqir.deq.solvers import solver_options
 from deqir.diffusion.chain import ChainCoefficients, make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
@@ -90,6 +92,9 @@ def build_operator(task_cfg: dict[str, Any], shape: tuple[int, int, int]) -> Ope
 def build_chain(sampler_cfg: dict[str, Any], schedule: dict[str, Any], op: Operator,
                 sigma_y: float) -> ChainCoefficients:
     """Chain coefficients; sigma_y_eff = 2 sigma_y gain(A+) (sigma_y on [0, 1], the chain on [-1, 1])."""
+    if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y >= 0):
+        raise ValueError(f"task.sigma_y must be a finite number >= 0 (the noise std on the [0, 1] scale), "
+                         f"got {sigma_y}")
     sched = NoiseSchedule.create(**schedule)
     grid = SamplingGrid.create(int(sampler_cfg["timesteps"]), num_train_steps=sched.num_steps,
                                skip_type=str(sampler_cfg.get("skip_type", "uniform")))
@@ -163,9 +168,7 @@ def build_dataset(dataset_cfg: dict[str, Any], shape: tuple[int, int, int], op: 
     else:
         paths = list_images(root, recursive=bool(dataset_cfg.get("recursive", True)))
     paths = select_subset(paths, dataset_cfg.get("subset"))
-    limit = dataset_cfg.get("limit")
-    if limit is not None:
-        paths = paths[: int(limit)]
+    paths = apply_limit(paths, dataset_cfg.get("limit"))
     if not paths:
         raise ValueError(f"dataset {kind!r} at {root} selects no images (check dataset.subset / dataset.limit)")
     names = image_names(paths, root)

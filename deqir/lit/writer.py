@@ -8,23 +8,29 @@ Layout of a run directory (every file written atomically: temp file + rename)::
     records/<index>.json  the image's CSV row + per-round traces; written last, so its presence means done
     per_image.csv         finished rows, sorted by dataset index (rewritten by rank 0 as its images finish,
                           complete with every rank's rows at the end)
-    run.json              the settings that determine the results (checked when a run is resumed)
+    run.json              the settings that determine the results (checked when a run is resumed), batch size
 
-An image counts as done when its record and its restored PNG exist; a killed run therefore loses at most
-the images in flight, and a rerun into the same directory skips the rest.
+An image counts as done when its record and its restored PNG exist and the input file still has the content
+hash the record holds; a killed run therefore loses at most the images in flight, a rerun into the same
+directory skips the rest, and an input replaced under the same name is restored again (with a ``note:`` line).
+Input images inside the run directory are refused: a run never reads its own outputs.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_only
 
 from deqir.lit.distributed import gather_objects
 from deqir.lit.restoration import BatchResult
@@ -52,6 +58,45 @@ def write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (read in 1 MB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_dir_problem(argv: Sequence[str]) -> str | None:
+    """Why the run directory named on an ``invert.py`` command line cannot be created, or None.
+
+    Checked before Hydra creates the directory (its failure there is a traceback): the nearest existing
+    ancestor of ``hydra.run.dir`` (default ``runs/``, the static part before any ``${...}``) must be a
+    writable folder. Multirun, ``--help``, ``--cfg`` and ``--info`` command lines are not checked.
+    """
+    if any(a in ("-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info") for a in argv):
+        return None
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    target = given[-1] if given else "runs"
+    static = Path(target.split("$", 1)[0] or ".").expanduser().absolute()
+    probe = static
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return (f"cannot create the run directory {target}: {probe} is a file, not a folder; choose another "
+                f"hydra.run.dir=...")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (f"cannot create the run directory {target}: {probe} is not writable; choose a writable "
+                f"hydra.run.dir=...")
+    return None
+
+
+def note(message: str) -> None:
+    """One ``note:`` line on stderr (rank 0 only): things the user should know that are not errors."""
+    if rank_zero_only.rank == 0:
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 class RunStore:
     """Files of one run directory (see the module docstring)."""
 
@@ -59,18 +104,60 @@ class RunStore:
         self.root = Path(run_dir)
         self.images, self.inputs, self.targets = self.root / "images", self.root / "inputs", self.root / "targets"
         self.records_dir = self.root / "records"
+        self.input_paths: list[Path] | None = None
+        self.batch_size: int | None = None
+        self._hashes: dict[int, str] = {}
+        self._noted: set[str] = set()
+
+    def prepare(self, inputs: Sequence[str | Path], batch_size: int | None = None) -> None:
+        """Bind the dataset's input files (refused when inside the run directory) and the batch size.
+
+        The inputs' content hashes go into each record, so a resumed run notices a replaced input.
+        """
+        root = self.root.resolve()
+        paths = [Path(p) for p in inputs]
+        inside = next((p for p in paths if p.resolve().is_relative_to(root)), None)
+        if inside is not None:
+            raise ValueError(f"input image {inside} lies inside the run directory {self.root}: a run must not read "
+                             f"its own outputs; point dataset.path at a folder outside it, or choose another "
+                             f"hydra.run.dir")
+        self.input_paths, self.batch_size = paths, batch_size
+        self._hashes.clear()
+
+    def input_sha256(self, index: int) -> str | None:
+        """Content hash of input ``index`` (None when no inputs are bound or the file is gone)."""
+        if self.input_paths is None or not 0 <= index < len(self.input_paths):
+            return None
+        if index not in self._hashes:
+            try:
+                self._hashes[index] = file_sha256(self.input_paths[index])
+            except FileNotFoundError:
+                return None
+        return self._hashes[index]
 
     # ---------------------------------------------------------------- resume
     def done_indices(self, names: list[str] | None = None) -> set[int]:
         """Dataset indices whose record and restored image both exist (and, given ``names``, whose record
-        belongs to the image now at that index, so a folder that changed is not mixed up)."""
-        done = set()
+        belongs to the image now at that index, so a folder that changed is not mixed up), and whose input
+        still has the content hash in the record (a replaced input is redone, with one ``note:`` line)."""
+        done, changed = set(), []
         for rec in self.load_records():
             i = int(rec["index"])
             if names is not None and (i >= len(names) or names[i] != rec["name"]):
                 continue
-            if (self.images / f"{rec['name']}.png").is_file():
-                done.add(i)
+            if not (self.images / f"{rec['name']}.png").is_file():
+                continue
+            old, now = rec.get("input_sha256"), self.input_sha256(i)
+            if old is not None and now is not None and old != now:
+                changed.append(str(rec["name"]))
+                continue
+            done.add(i)
+        fresh = [n for n in changed if n not in self._noted]
+        if fresh:
+            self._noted.update(fresh)
+            shown = ", ".join(fresh[:5]) + (f" and {len(fresh) - 5} more" if len(fresh) > 5 else "")
+            note(f"{len(fresh)} input image(s) changed since they were restored in {self.root}: {shown}; "
+                 f"restoring them again")
         return done
 
     def check_signature(self, signature: dict[str, Any], resume: bool) -> None:
@@ -78,7 +165,13 @@ class RunStore:
         path = self.root / "run.json"
         sig = _json_safe(json.loads(json.dumps(signature, default=str)))
         if resume and path.is_file() and self.records_dir.is_dir() and any(self.records_dir.glob("*.json")):
-            old = json.loads(path.read_text()).get("signature", {})
+            previous = json.loads(path.read_text())
+            old = previous.get("signature", {})
+            old_bs = previous.get("batch_size")
+            if old == sig and None not in (old_bs, self.batch_size) and old_bs != self.batch_size:
+                note(f"resuming {self.root} with batch_size={self.batch_size}, its finished images used "
+                     f"batch_size={old_bs}: results of different batch sizes can differ by float round-off "
+                     f"(up to a few 8-bit levels on a few pixels, docs/app.md)")
             if old != sig:
                 diff = sorted(_diff_keys(old, sig))
                 raise ValueError(f"{self.root} holds results of different settings (differs in: "
@@ -89,19 +182,25 @@ class RunStore:
         if not resume and self.records_dir.is_dir():
             for f in self.records_dir.glob("*.json"):
                 f.unlink()
-        write_text(path, json.dumps({"signature": sig}, indent=2, sort_keys=True))
+        write_text(path, json.dumps({"signature": sig, "batch_size": self.batch_size}, indent=2, sort_keys=True))
 
     # ---------------------------------------------------------------- per image
     def save(self, row: dict[str, Any], trace: dict[str, list[float]], restored, inputs, target) -> None:
         """Save one image's PNGs, then its record (the record marks it done)."""
-        name = row["name"]
-        save_png(restored, self.images / f"{name}.png")
-        if inputs is not None:
-            save_png(inputs, self.inputs / f"{name}.png")
-        if target is not None:
-            save_png(target, self.targets / f"{name}.png")
-        record = _json_safe({**row, "trace": trace})
-        write_text(self.records_dir / f"{int(row['index']):06d}.json", json.dumps(record))
+        name, index = row["name"], int(row["index"])
+        try:
+            save_png(restored, self.images / f"{name}.png")
+            if inputs is not None:
+                save_png(inputs, self.inputs / f"{name}.png")
+            if target is not None:
+                save_png(target, self.targets / f"{name}.png")
+            digest = self.input_sha256(index)
+            record = _json_safe({**row, **({"input_sha256": digest} if digest else {}), "trace": trace})
+            write_text(self.records_dir / f"{index:06d}.json", json.dumps(record))
+        except OSError as err:
+            source = self.input_paths[index] if self.input_paths and index < len(self.input_paths) else name
+            raise OSError(f"cannot write the results of input image {source} to {self.root}: "
+                          f"{err.strerror or err}") from None
 
     def load_records(self) -> list[dict[str, Any]]:
         """All records on disk, sorted by dataset index (unreadable partial files are ignored)."""

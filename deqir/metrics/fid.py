@@ -5,13 +5,17 @@ are looked up in: an explicit path (argument, else ``$DEQIR_FID_WEIGHTS``), then
 (``$TORCH_HOME/hub/checkpoints``). Nothing is downloaded; when the weights (or torch-fidelity) are
 missing, :meth:`FIDMetric.create` warns once and returns None.
 
-torch-fidelity reads the weights with ``torch.load(..., weights_only=False)``; we first load the file
-with ``weights_only=True`` and refuse it unless it is a plain tensor state dict.
+torch-fidelity reads the weights with ``torch.load(..., weights_only=False)``. The file is therefore read
+exactly once, by us, with ``weights_only=True``; unless it is a plain tensor state dict it is refused. What
+torch-fidelity unpickles is an in-memory copy of those tensors, so a file swapped on disk after the check
+is never read.
 """
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -53,10 +57,27 @@ def find_inception_weights(
     return next((p for p in _candidates(weights, hub_dir) if p.is_file()), None)
 
 
-def _check_state_dict(path: Path) -> None:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+def load_checked_weights(path: Path) -> io.BytesIO:
+    """Read the Inception weights once (``weights_only=True``) and return them re-serialised in memory.
+
+    Raises:
+        ValueError: the file is unreadable, or is not a plain ``{str: Tensor}`` state dict (refused).
+    """
+    from deqir.models.safe_read import describe_refused, quiet_torch_load
+
+    try:
+        sd = quiet_torch_load(path, [])
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"FID Inception weights: {describe_refused(path, str(err))}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"FID Inception weights {path} are not readable ({first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise ValueError(f"{path}: not a plain tensor state dict; refusing to pass it to torch-fidelity")
+    buf = io.BytesIO()
+    torch.save(dict(sd), buf)  # tensors only: unpickling this copy can run nothing but tensor rebuilds
+    buf.seek(0)
+    return buf
 
 
 class FIDMetric:
@@ -109,14 +130,14 @@ class FIDMetric:
                 f"set ${ENV_FID_WEIGHTS} to a local copy.",
             )
             return None
-        _check_state_dict(path)
+        weights_copy = load_checked_weights(path)
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         metric = FrechetInceptionDistance(
             feature=feature,
             normalize=False,
             reset_real_features=True,
-            feature_extractor_weights_path=str(path),
+            feature_extractor_weights_path=weights_copy,  # torch.load accepts a file object
         )
         return cls(metric.to(device))
 

