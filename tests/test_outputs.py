@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
-from app_support import TINY, run_cli
+from app_support import REPO, TINY, run_cli
 
 
 def test_invert_log_has_the_summary_line(tmp_path):
@@ -31,3 +31,36 @@ def test_unconditional_inversion_reports_honestly(tmp_path):
     assert row["optimize_status"] in ("max_steps", "patience", "stop_below", "converged")
     record = json.loads(next((tmp_path / "records").glob("*.json")).read_text())
     assert "loss" in record["trace"] and "residual" not in record["trace"]
+
+
+def test_folder_dataset_keeps_the_images_own_size(tmp_path, capsys):
+    from app_support import pixels, run_inprocess, sample_folder
+
+    folder = sample_folder(tmp_path / "in", n=2, size=43)  # tiny_ddpm downsamples 2x: 43 -> 42 (centre crop)
+    run = tmp_path / "run"
+    summary = run_inprocess([*TINY, "dataset=folder", f"dataset.path={folder}", "dataset.size=null"], run)
+    assert summary["n_images"] == 2
+    assert pixels(run / "images" / "img0.png").shape[:2] == (42, 42)
+    assert pixels(run / "targets" / "img0.png").shape[:2] == (42, 42)
+    assert "note: restoring at 42x42, the images' own size (cropped to a multiple of 2" in capsys.readouterr().out
+    import yaml
+
+    assert yaml.safe_load((REPO / "conf" / "dataset" / "folder.yaml").read_text())["size"] is None
+
+
+def test_an_explicit_size_says_it_resizes(tmp_path, capsys):
+    from app_support import run_inprocess
+
+    run_inprocess(TINY, tmp_path)  # the 256 px sample images at dataset.size=32
+    assert "note: resizing 2 of 2 images (256x256) to 32x32" in capsys.readouterr().out
+
+
+def test_each_image_is_logged_as_it_finishes(tmp_path):
+    from app_support import run_inprocess
+
+    run_inprocess([*TINY, "logger=csv"], tmp_path)
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    live = [r for r in rows if r.get("image/psnr")]
+    assert [int(r["step"]) for r in live] == [0, 1]  # one row per image, logged by PerImageLogger
+    assert any(r.get("metrics/psnr") for r in rows)  # and the run's means at the end

@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
-from deqir.lit import builders, report
+from deqir.lit import builders, report, sizing
 from deqir.lit.datamodule import RestorationDataModule
 from deqir.lit.instantiate import build_callbacks, instantiate_strict
+from deqir.lit.live_log import PerImageLogger
 from deqir.lit.optimization import InitOptimizationModule, InversionModule
 from deqir.lit.progress import ImageProgressBar
 from deqir.lit.restoration import RestorationError, RestorationModule
@@ -49,11 +50,8 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     store = RunStore(run_dir)
     pl.seed_everything(int(plain["seed"]), workers=True, verbose=False)
 
-    task, data = plain["task"], plain["dataset"]
-    shape = builders.image_shape(data)
-    op = builders.build_operator(task, shape)
-    dataset = builders.build_dataset(data, shape, op)
-    model = builders.build_model(plain["model"])
+    task = plain["task"]
+    dataset, op, model, shape = _data_and_model(plain)
     timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
     module = build_module(plain, op, model, shape, timestep_parallel=timestep_parallel)
 
@@ -71,7 +69,7 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     if todo:
         logger = build_logger(plain.get("logger"), run_dir)
         trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
-                                callbacks=[writer, _progress_bar(store, todo, task_label),
+                                callbacks=[writer, _progress_bar(store, todo, task_label), PerImageLogger(),
                                            *build_callbacks(plain.get("callbacks"))])
         if logger:
             rank_zero_only(logger.log_hyperparams)(plain)
@@ -81,6 +79,32 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     elif rank_zero_only.rank != 0:
         return None
     return finalize(plain, store, writer, trainer, task_label, dataset.names)
+
+
+def _data_and_model(plain: dict[str, Any]):
+    """Dataset, operator, ε-model and image shape; ``dataset.size=null`` = the images' own size (cut to the
+    model's stride). Says (one ``note:`` line) when images are resized."""
+    task, data = plain["task"], plain["dataset"]
+    native = data.get("size") is None
+    if native and data.get("name") == "real":
+        raise ValueError("dataset=real needs dataset.size (the side of the restored images)")
+    shape = (3, 1, 1) if native else builders.image_shape(data)
+    op = None if native else builders.build_operator(task, shape)
+    dataset = builders.build_dataset(data, shape, op)
+    model = builders.build_model(plain["model"])
+    if native:
+        dataset, size, note = sizing.native(dataset, dataset.paths, bool(data.get("crop", True)),
+                                            builders.model_stride(model))
+        data["size"] = list(size)  # the resume signature records the size used
+        shape = (3, *size)
+        op = builders.build_operator(task, shape)
+    else:
+        note = sizing.resize_note(dataset.paths, shape, bool(data.get("crop", True))) \
+            if data.get("name") != "real" else None
+    if note and rank_zero_only.rank == 0:
+        print(note, flush=True)
+        RUN_LOG.info(note)
+    return dataset, op, model, shape
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
