@@ -87,16 +87,91 @@ def test_resume_refuses_other_settings(base_run, tmp_path):
     run_inprocess([*TINY, "batch_size=2"], run)
 
 
-def test_batch_size_does_not_change_results(base_run, tmp_path):
-    run1, _ = base_run
-    run2 = tmp_path / "b2"
-    run_inprocess([*TINY, "batch_size=2"], run2)
-    for name in ("astronaut", "chelsea"):
-        np.testing.assert_array_equal(pixels(run1 / "images" / f"{name}.png"), pixels(run2 / "images" / f"{name}.png"))
-        np.testing.assert_array_equal(pixels(run1 / "inputs" / f"{name}.png"), pixels(run2 / "inputs" / f"{name}.png"))
+#: What docs/app.md promises across batch sizes: the same random numbers, and float round-off of batched kernels
+#: at most: restored 8-bit images within 1 level on under 1 % of the pixels, PSNR within 0.01 dB, same rounds.
+BATCH_TOLERANCE = {"levels": 1, "pixel_fraction": 0.01, "psnr_db": 0.01}
+
+
+def assert_within_batch_tolerance(run1, run2, names=("astronaut", "chelsea")):
+    for name in names:
+        for sub in ("images", "inputs"):
+            a = pixels(run1 / sub / f"{name}.png").astype(int)
+            b = pixels(run2 / sub / f"{name}.png").astype(int)
+            diff = np.abs(a - b)
+            assert diff.max() <= BATCH_TOLERANCE["levels"], (name, sub, diff.max())
+            assert (diff > 0).mean() < BATCH_TOLERANCE["pixel_fraction"], (name, sub, (diff > 0).mean())
     r1, r2 = read_csv(run1 / "per_image.csv"), read_csv(run2 / "per_image.csv")
-    assert [r["psnr"] for r in r1] == [r["psnr"] for r in r2]
-    assert [r["rounds"] for r in r1] == [r["rounds"] for r in r2]
+    for a, b in zip(r1, r2, strict=True):
+        assert abs(float(a["psnr"]) - float(b["psnr"])) < BATCH_TOLERANCE["psnr_db"]
+        assert a["rounds"] == b["rounds"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_size_changes_results_at_most_by_round_off(base_run, tmp_path, threads):
+    """batch_size=2 against the batch_size=1 base run, with 1 and 2 torch threads (multi-threaded reductions
+    and batched kernels round differently per batch shape on some CPUs)."""
+    run1, _ = base_run
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_inprocess([*TINY, "batch_size=2"], tmp_path / "b2")
+    finally:
+        torch.set_num_threads(before)
+    assert_within_batch_tolerance(run1, tmp_path / "b2")
+
+
+def test_batch_dependent_round_off_stays_within_the_tolerance(tmp_path, monkeypatch):
+    """Machine-independent: an ε-model whose output moves by a relative 1e-5 depending on the batch it is
+    called with (ten times the batch-1 vs batch-8 difference of the UNet measured on CPU) still gives results
+    within the documented tolerance; the chain does not amplify round-off into visible differences."""
+    from deqir.models.adapters import EpsModel
+
+    plain = EpsModel.forward
+
+    def batch_dependent(self, x, t):
+        out = plain(self, x, t)
+        g = torch.Generator().manual_seed(int(x.shape[0]))
+        return out * (1 + 1e-5 * torch.randn(out.shape, generator=g))
+
+    monkeypatch.setattr(EpsModel, "forward", batch_dependent)
+    run_inprocess(TINY, tmp_path / "b1")
+    run_inprocess([*TINY, "batch_size=2"], tmp_path / "b2")
+    assert_within_batch_tolerance(tmp_path / "b1", tmp_path / "b2")
+
+
+def test_resume_with_another_batch_size_says_so(base_run, tmp_path, capsys):
+    import shutil
+
+    src, _ = base_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (run / "records" / "000001.json").unlink()  # one image still to do
+    run_inprocess([*TINY, "batch_size=2"], run)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "batch_size=2" in notes[0] and "batch_size=1" in notes[0], notes
+    assert json.loads((run / "run.json").read_text())["batch_size"] == 2
+
+
+def test_replaced_input_is_restored_again(tmp_path, capsys):
+    folder = sample_folder(tmp_path / "photos", n=2, size=32)
+    run = tmp_path / "run"
+    args = [*TINY, "dataset=folder", f"dataset.path={folder}", "dataset.limit=null"]
+    run_inprocess(args, run)
+    kept = (run / "records" / "000000.json").stat().st_mtime_ns
+    old = pixels(run / "targets" / "img1.png")
+    (folder / "img1.png").write_bytes((folder / "img0.png").read_bytes())  # same name, other content
+    capsys.readouterr()
+    run_inprocess(args, run)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "img1" in notes[0] and "changed" in notes[0], notes
+    assert (run / "records" / "000000.json").stat().st_mtime_ns == kept  # the unchanged input is not redone
+    np.testing.assert_array_equal(pixels(run / "targets" / "img1.png"), pixels(run / "targets" / "img0.png"))
+    assert not np.array_equal(pixels(run / "targets" / "img1.png"), old)
+    import hashlib
+
+    rec = json.loads((run / "records" / "000001.json").read_text())
+    assert rec["input_sha256"] == hashlib.sha256((folder / "img1.png").read_bytes()).hexdigest()
+    assert [r["name"] for r in read_csv(run / "per_image.csv")] == ["img0", "img1"]
 
 
 def test_picard_with_T_rounds_equals_sequential_and_records_the_curve(tmp_path):
