@@ -178,6 +178,9 @@ def test_run_never_reads_its_own_outputs(tmp_path):
 def test_dataset_limit_must_be_a_positive_integer(tmp_path, limit):
     with pytest.raises(ValueError, match=r"dataset.limit must be a positive integer .* or null"):
         run_inprocess([*TINY, f"dataset.limit={limit}"], tmp_path / "run")
+    if limit != "two":  # the sibling: a number as dataset.subset
+        with pytest.raises(ValueError, match=r"dataset.subset as a number must be a positive integer"):
+            run_inprocess([*TINY, f"+dataset.subset={limit}"], tmp_path / "run")
 
 
 def test_near_singular_or_negative_kernels_are_refused_naming_the_file(tmp_path):
@@ -244,6 +247,10 @@ def test_pixel_limit_refuses_before_decoding_and_shrinks_jpegs(tmp_path, monkeyp
     save_image(tmp_path / "big.png", np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match=r"big\.png is 64x64 .* more than the 0\.0015 MP"):
         read_image(tmp_path / "big.png")
+    from deqir.datasets.photos import load_rgb  # reference images (optimize.reference_path) too
+
+    with pytest.raises(ValueError, match=r"big\.png is 64x64"):
+        load_rgb(tmp_path / "big.png")
 
 
 def test_read_only_or_impossible_run_directory_is_one_line(tmp_path):

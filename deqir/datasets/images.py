@@ -262,7 +262,10 @@ def select_subset(paths: list[Path], subset: str | int | None) -> list[Path]:
     """
     if subset is None or subset == "all":
         return paths
-    if isinstance(subset, int):
+    if isinstance(subset, int) and not isinstance(subset, bool):
+        if subset < 1:
+            raise ValueError(f"dataset.subset as a number must be a positive integer (the first n images), got "
+                             f"{subset}")
         return paths[:subset]
     if subset == "every_10th":
         return paths[::10]

@@ -14,6 +14,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from deqir.datasets.decode import ImageReadError, fit_pixel_limit, max_pixels
+
 SKIMAGE_TRAIN = ("rocket", "hubble_deep_field", "retina", "immunohistochemistry")
 SKLEARN_TRAIN = ("china.jpg", "flower.jpg")
 HELD_OUT = ("chelsea", "coffee", "astronaut")
@@ -56,6 +58,7 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as raw:
+            fit_pixel_limit(raw, path, max_pixels())
             im = ImageOps.exif_transpose(raw)
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -69,6 +72,8 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
+    except ImageReadError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e} (is it a valid PNG/JPEG file?)") from None
 
