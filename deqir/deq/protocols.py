@@ -12,13 +12,6 @@ from torch import Tensor
 
 
 @runtime_checkable
-class FixedPointMap(Protocol):
-    """z -> f(z), (B, S, ...) -> (B, S, ...)."""
-
-    def __call__(self, z: Tensor) -> Tensor: ...
-
-
-@runtime_checkable
 class TriangularMap(Protocol):
     """A map whose slot j depends only on slots < j, evaluated in two halves (used by the sliding window).
 

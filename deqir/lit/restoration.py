@@ -29,6 +29,7 @@ from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
 from deqir.lit.distributed import TimestepParallelEvaluator
 from deqir.metrics import MetricSuite, colorization_consistency, consistency
+from deqir.metrics.fidelity import psnr
 from deqir.operators import Operator
 from deqir.utils.images import quantize, to_unit
 
@@ -298,6 +299,5 @@ class RestorationModule(pl.LightningModule):
 
 
 def _psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR (dB) of [0, 1] images, capped at PSNR_CAP; (B,) float64 on the CPU."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1).cpu()
-    return torch.clamp(10 * torch.log10(1.0 / mse.clamp_min(1e-300)), max=PSNR_CAP)
+    """Per-image PSNR (dB) of [0, 1] images (not quantised), capped at PSNR_CAP; (B,) float64 on the CPU."""
+    return torch.clamp(psnr(a, b, quantized=False).cpu(), max=PSNR_CAP)

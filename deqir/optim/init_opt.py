@@ -120,10 +120,11 @@ class InitOptResult:
 
 def _psnr(x0: Tensor, target: Tensor) -> list[float]:
     """PSNR in dB of [-1, 1] images on the [0, 1] scale (clamped, not quantised), per image."""
+    from deqir.metrics.fidelity import psnr
+
     p = ((x0.detach().double() + 1) / 2).clamp(0, 1)
     t = ((target.detach().double().to(p.device) + 1) / 2).clamp(0, 1)
-    mse = (p - t).flatten(1).square().mean(dim=1)
-    return [float(-10.0 * math.log10(m)) if m > 0 else math.inf for m in mse.tolist()]
+    return [float(v) for v in psnr(p, t, quantized=False).tolist()]
 
 
 def _scatter(values: Tensor, index: Tensor, B: int) -> list[float]:
