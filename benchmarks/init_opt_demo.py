@@ -1,4 +1,4 @@
-"""Initialization optimization with the embedded default model: two measured demonstrations (issue 5 §6).
+"""Initialization optimization with the embedded default model: two measured demonstrations (docs/gradients.md).
 
 1. ``denoise`` / noisy ``sr4``: optimise x_T against the measurement-consistency loss ||A x0 - y||^2 with the
    discrepancy principle as the stopping rule (stop once the mean squared residual reaches the noise level

@@ -1,4 +1,4 @@
-"""The committed embedded default model: loads strictly and really denoises held-out images (issue 7 §4)."""
+"""The committed embedded default model: loads strictly and really denoises held-out images (deqir/weights/README.md)."""
 from __future__ import annotations
 
 import sys

@@ -141,7 +141,7 @@ def test_phantom_k1_cosine(unet, case, record_property):
     print(f"phantom k=1 cosine ({case}, T={T}): with slot-0 model Jacobian {c_ph:.4f}, analytic {c_an:.4f}")
     assert c_ph > 0.9
     assert c_an > 0.5  # a descent direction; 0.84-0.91 on random UNets (docs/gradients.md)
-    # the analytic form is exactly tau * sqrt(a'_{T-1} / a_0) N dL/dx0 = tau / sqrt(a_0) N W_x0  (spec §5)
+    # the analytic form is exactly tau * sqrt(a'_{T-1} / a_0) N dL/dx0 = tau / sqrt(a_0) N W_x0  (docs/gradients.md)
     dx0 = W[:, -1]
     N_dx0 = dx0 if op is None else dx0 - op.A_pinv(op.A(dx0))
     torch.testing.assert_close(g_an, 0.1 / float(co.a[0]) ** 0.5 * N_dx0, rtol=1e-10, atol=1e-10)

@@ -231,7 +231,7 @@ def test_lpips_missing_weights_message(monkeypatch):
 
 @pytest.mark.skipif(not lpips_available("vgg"), reason="no offline LPIPS-VGG weights")
 def test_lpips_reference_steers_colorization(model):
-    """Colorization: x0 keeps A x0 = y (gray), the LPIPS reference moves the colours (spec §5, Fig. 5)."""
+    """Colorization: x0 keeps A x0 = y (gray), the LPIPS reference moves the colours (docs/gradients.md; the paper's Fig. 5)."""
     op = make_operator("colorize", SHAPE).to(DT)
     gt = _images(1)
     y = op.A(gt)

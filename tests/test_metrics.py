@@ -240,7 +240,7 @@ def test_lpips_identity_and_ordering(alex_metric):
 
 
 def test_lpips_sanity_values_astronaut(alex_metric):
-    """embedded-default.md §5.3: astronaut 256 px, alex: noise 0.05 -> 0.160, blur sigma 1 -> 0.167."""
+    """docs/metrics.md: astronaut 256 px, alex: noise 0.05 -> 0.160, blur sigma 1 -> 0.167."""
     skdata = pytest.importorskip("skimage.data")
     from skimage import filters, transform
 

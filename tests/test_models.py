@@ -1,4 +1,4 @@
-"""UNet architectures against the checkpoint manifests and golden fixtures (issue 2 §3-§4).
+"""UNet architectures against the checkpoint manifests and golden fixtures (docs/models.md).
 
 Full-size models are built on the meta device (no memory, no time); the forward passes use the reduced
 golden models. The full-size synthetic-weight forward checks need ~60 s of CPU and run only with

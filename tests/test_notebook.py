@@ -1,4 +1,4 @@
-"""The demo notebook runs top to bottom on the CPU (issue 7 §3)."""
+"""The demo notebook runs top to bottom on the CPU."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,5 @@
 """Operators against independent references: conv2d, avg_pool2d, weighted sums, a dense rebuild of the
-official DDRM/DDNM/DeqIR deblurring operator (deqir-spec 7.3), a Sylvester Hadamard matrix, and the
+official DDRM/DDNM/DeqIR deblurring operator (docs/operators.md), a Sylvester Hadamard matrix, and the
 measured difference between the legacy operator and the true blur (docs/operators.md).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Beta schedules, alpha_bar, timestep grids and timestep embeddings (issue 2 §2, deqir-spec §1)."""
+"""Beta schedules, alpha_bar, timestep grids and timestep embeddings (docs/solvers.md)."""
 from __future__ import annotations
 
 import math
@@ -75,7 +75,7 @@ def test_sampling_grid_next_timestep_convention():
 
 
 def test_deqir_sanity_values_for_25_steps():
-    """deqir-spec §1: the values quoted in DeqIR's own comments (float64 arithmetic on the float32 table)."""
+    """The values quoted in DeqIR's own comments (float64 arithmetic on the float32 table)."""
     grid, sched = SamplingGrid.create(25), NoiseSchedule.create()
     a, a_next = sched.alpha_bar(list(grid.t)), sched.alpha_bar(list(grid.t_next))
     assert a[0].item() == pytest.approx(8.741e-5, rel=1e-3)

@@ -47,7 +47,7 @@ class ToyChain:
     """Strictly lower-triangular toy chain with an "eps" part and an explicit cumulative-sum part.
 
     eps_j = W2_j tanh(W1_j u_j) with u_0 = x_T, u_j = z[:, j-1];
-    state_j = a_j x_T + sum_{i<=j} c_i eps_i + b_j   (the shape of DeqIR's analytic form, spec §3).
+    state_j = a_j x_T + sum_{i<=j} c_i eps_i + b_j   (the shape of DeqIR's analytic form, docs/solvers.md).
     """
 
     def __init__(self, B: int, S: int, rest=(2, 3), hidden: int = 6, gain: float = 0.4, seed: int = 0):

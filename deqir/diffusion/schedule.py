@@ -1,6 +1,6 @@
 """Noise schedules, timestep grids and timestep embeddings.
 
-Conventions (deqir-spec §1, checkpoint-manifests README "Beta schedule at inference"):
+Conventions (docs/models.md):
 
 * ``betas`` are built in float64 and cast to float32, exactly as DDRM/DDNM/DeqIR do.
 * ``alpha_bar(t)`` is the float32 ``cumprod(1 - beta)`` indexed at ``t + 1`` over the betas with a
@@ -90,7 +90,7 @@ def timestep_grid(
     skip_type: str = "uniform",
     trim: bool = True,
 ) -> list[int]:
-    """Ascending timestep grid ``seq`` of a T-step sampler (deqir-spec §1).
+    """Ascending timestep grid ``seq`` of a T-step sampler.
 
     ``uniform``: skip = N // T, seq = 0, skip, 2 skip, ... (< N); with ``trim`` (DeqIR's rule) the
     last element is dropped when N mod T != 0 so len(seq) = T (T = 25 gives 0 ... 960).

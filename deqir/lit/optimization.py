@@ -48,7 +48,7 @@ class OptimizationSettings:
 
 
 class InitOptimizationModule(RestorationModule):
-    """Restore, then optimise each image's x_T against the ``optimize.losses`` objective (issue 5 §3).
+    """Restore, then optimise each image's x_T against the ``optimize.losses`` objective (docs/gradients.md).
 
     Extra args: ``optimization`` settings, the ``gradient`` config and an optional ``reference`` image
     (1, C, H, W) on [-1, 1] (the ``reference`` loss, e.g. colours of a reference photo).
@@ -146,7 +146,7 @@ class InitOptimizationModule(RestorationModule):
 
 
 class InversionModule(InitOptimizationModule):
-    """Find x_T whose DEQ restoration reproduces the (clean) dataset image (issue 5 §4).
+    """Find x_T whose DEQ restoration reproduces the (clean) dataset image (docs/gradients.md).
 
     Unconditional by default (``optimize.invert_with_operator=false``); with the operator, the chain is
     the task's restoration chain and y = A x. The restored image is the reconstruction; its PSNR to the

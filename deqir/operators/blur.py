@@ -4,7 +4,7 @@ A x = conv2d(pad_circular(x), k) per channel (cross-correlation, ``kernels.py``)
 Y(f) = K(f) X(f), with K the DFT of the kernel wrapped around the H x W torus, so the singular values
 are |K(f)| and the pseudo-inverse is exact and costs two FFTs.
 
-Spectral truncation (deqir-spec section 7.1, the official ZERO = 3e-2 rule): frequencies with
+Spectral truncation (docs/operators.md, the official ZERO = 3e-2 rule): frequencies with
 |K(f)| < ``zero_threshold`` are removed from the operator itself, so (A, A+) stay an exact Moore-Penrose
 pair. With ``zero_threshold = 0`` A equals the circular conv2d to float precision; with the default 3e-2 it
 differs from it only at those frequencies, by at most 3e-2 |x| (measured on natural images: ~0.2 %,

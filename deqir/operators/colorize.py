@@ -9,7 +9,7 @@ from torch import Tensor
 from deqir.operators.base import SVDOperator, cast
 
 LUMA_WEIGHTS = {
-    "equal": (1 / 3, 1 / 3, 1 / 3),  # the paper / official code (0.3333, 0.3334, 0.3333), deqir-spec 7.1
+    "equal": (1 / 3, 1 / 3, 1 / 3),  # the paper / official code (0.3333, 0.3334, 0.3333), docs/operators.md
     "bt601": (0.299, 0.587, 0.114),
 }
 

@@ -1,4 +1,4 @@
-"""Compressed sensing with a seeded subset of Walsh-Hadamard coefficients (deqir-spec 7.1, ``cs_walshhadamard``)."""
+"""Compressed sensing with a seeded subset of Walsh-Hadamard coefficients (docs/operators.md, ``cs_walshhadamard``)."""
 from __future__ import annotations
 
 import torch

@@ -16,7 +16,7 @@ class Inpainting(SVDOperator):
     A = A^T = A+ = diag(m) is an orthogonal projector, so every identity is exact and
     ``pinv_noise_gain() == 1``. ``measure`` adds noise on observed pixels only (missing pixels carry no
     information; y stays in the range of A). Keeping y image-shaped (instead of the official vector of
-    kept values, deqir-spec 7.1) lets users pass an already-damaged photo as y. SVD: V_T lists the
+    kept values, docs/operators.md) lets users pass an already-damaged photo as y. SVD: V_T lists the
     observed entries (channel-major) then the missing ones; U is the isometry that scatters m values
     into the observed entries; all singular values are 1.
 

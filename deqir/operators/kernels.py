@@ -1,4 +1,4 @@
-"""Blur kernels: the paper's defaults (deqir-spec section 7.1), arrays, files, and separable factors.
+"""Blur kernels: the paper's defaults (docs/operators.md), arrays, files, and separable factors.
 
 All kernels are float64 tensors (kh, kw), normalised to sum 1 unless asked otherwise. The blur is the
 cross-correlation ``y[i, j] = sum_{u, v} k[u, v] x[i + u - kh // 2, j + v - kw // 2]`` (what

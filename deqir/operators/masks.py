@@ -1,7 +1,7 @@
 """Inpainting masks: generated deterministically from a seed, loaded from / saved to .png and .npy.
 
 Masks are float64 (H, W) tensors with 1 = observed pixel, 0 = missing (the official convention,
-deqir-spec 7.1). The paper's "text" and "stripe" masks were never released (spec section 10.13); the
+docs/operators.md). The paper's "text" and "stripe" masks were never released (docs/operators.md); the
 ones here are our own, defined below and reproducible bit for bit from their parameters.
 """
 from __future__ import annotations

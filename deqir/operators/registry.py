@@ -22,7 +22,7 @@ from deqir.operators.separable import LegacySVDDeblur, ZeroBoundaryBlur
 from deqir.operators.sr import AveragePoolSR, BicubicSR
 
 BOUNDARIES = ("circular", "zero")
-ZERO = 3e-2  # the official singular-value threshold (deqir-spec 7.1)
+ZERO = 3e-2  # the official singular-value threshold (docs/operators.md)
 
 
 def _blur(shape, k_h, k_w, kernel2d, legacy_svd: bool, boundary: str | None, zero_threshold: float) -> Operator:

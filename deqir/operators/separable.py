@@ -1,7 +1,7 @@
 """Separable operators A X = M_h X M_w^T per channel, with their exact SVD from the two 1-D SVDs.
 
 Used by bicubic super-resolution (``sr.py``), the zero-boundary true blur, and ``LegacySVDDeblur``: the
-operator the official DDRM / DDNM / DeqIR code applies for ``deblur_*`` (deqir-spec section 7.3).
+operator the official DDRM / DDNM / DeqIR code applies for ``deblur_*`` (docs/operators.md).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ class ZeroBoundaryBlur(SeparableOperator):
 
 
 class LegacySVDDeblur(SeparableOperator):
-    """The deblurring operator the official DDRM / DDNM / DeqIR code applies (deqir-spec section 7.3).
+    """The deblurring operator the official DDRM / DDNM / DeqIR code applies (docs/operators.md).
 
     Reproduces, on purpose, the two inherited quirks of ``Deblurring`` / ``Deblurring2D``:
 

@@ -20,7 +20,7 @@ class AveragePoolSR(SVDOperator):
 
     Args:
         image_shape: (C, H, W), H and W multiples of ``scale``.
-        scale: the factor r (deqir-spec 7.1: 2, 4; 32 for the diversity figure; any integer >= 1 works).
+        scale: the factor r (docs/operators.md: 2, 4; 32 for the diversity figure; any integer >= 1 works).
 
     Example:
         >>> import torch
@@ -83,7 +83,7 @@ class AveragePoolSR(SVDOperator):
 
 
 class BicubicSR(SeparableOperator):
-    """Bicubic downsampling as DDRM / DDNM's ``SRConv`` (deqir-spec 7.1): (B, C, H, W) -> (B, C, H/r, W/r).
+    """Bicubic downsampling as DDRM / DDNM's ``SRConv`` (docs/operators.md): (B, C, H, W) -> (B, C, H/r, W/r).
 
     Separable strided correlation with the 4r-tap kernel k[i] = cubic((i - 2r + 0.5) / r) (Keys,
     a = -0.5), normalised to sum 1; output pixel o reads centre i = r//2 + o r, taps i - 2r .. i + 2r - 1,

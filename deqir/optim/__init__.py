@@ -1,4 +1,4 @@
-"""Optimisation through the DEQ equilibrium: initialization optimization and inversion (issue 5).
+"""Optimisation through the DEQ equilibrium: initialization optimization and inversion (docs/gradients.md).
 
 * :func:`optimize_init` -- optimise x_T per image against weighted ``consistency`` / ``reference`` /
   ``oracle`` / ``prior`` terms (:mod:`deqir.optim.losses`).

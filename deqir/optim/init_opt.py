@@ -1,6 +1,6 @@
-"""Initialization optimization: optimise the initial noise x_T through the DEQ equilibrium (issue 5 §3).
+"""Initialization optimization: optimise the initial noise x_T through the DEQ equilibrium (docs/gradients.md).
 
-Per step (deqir-spec §5, generalised):
+Per step (docs/gradients.md, generalised):
 
 1. build the joint map F(.; x_T) (:class:`~deqir.deq.joint_map.ChainMap`) with x_T differentiable;
 2. solve X* = F(X*) without autograd, warm-started from the previous step's states (the official code

@@ -1,8 +1,8 @@
-"""DEQ inversion: find the x_T from which the DEQ sampler reproduces a given clean image (issue 5 §4).
+"""DEQ inversion: find the x_T from which the DEQ sampler reproduces a given clean image (docs/gradients.md).
 
 Two stages:
 
-1. :func:`ddim_invert` -- deterministic DDIM inversion along the ascending grid (deqir-spec §5
+1. :func:`ddim_invert` -- deterministic DDIM inversion along the ascending grid (docs/gradients.md
    ``--smart_init``). Starting from the clean image x at t_{T-1} (= 0), for j = T-1 .. 1:
 
        eps      = eps_theta(h, t_j)

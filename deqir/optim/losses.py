@@ -1,4 +1,4 @@
-"""Per-image loss terms of initialization optimization and inversion (deqir-spec §5, issue 5 §3).
+"""Per-image loss terms of initialization optimization and inversion (docs/gradients.md).
 
 Every term maps a batch to one value per image, shape (B,), so B images can be optimised in one tensor
 without their gradients mixing (the optimised objective is the sum over images). Images are on the

@@ -13,7 +13,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 def tune_allocator() -> bool:
-    """Stop glibc from returning big blocks to the OS after every conv (embedded-default.md §2.3).
+    """Stop glibc from returning big blocks to the OS after every conv (docs/app.md, Performance notes).
 
     Equivalent to MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_; measured 1.3x faster
     CPU training and ~2x faster large CPU forwards here. Returns True when applied (Linux glibc only).
