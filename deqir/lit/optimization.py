@@ -8,7 +8,7 @@ images). Gradients need ``Trainer(inference_mode=False)`` (every ``trainer/`` co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -20,19 +20,19 @@ from deqir.optim import InitOptResult, SolveConfig, invert_image, optimize_init
 
 @dataclass(frozen=True)
 class OptimizationSettings:
-    """Plain values of ``optimize/`` (see conf/optimize/default.yaml)."""
+    """Plain values of ``optimize/``; the defaults live in conf/optimize/default.yaml only."""
 
-    steps: int = 30
-    lr: float = 0.02
-    losses: dict[str, float] = field(default_factory=lambda: {"consistency": 1.0})
-    reference_kind: str = "lpips"
-    lpips_net: str = "vgg"
-    patience: int | None = None
-    min_improvement: float = 0.0
-    stop_below: float | None = None
-    invert_init: str = "ddim"
-    invert_with_operator: bool = False
-    prior_weight: float = 0.0
+    steps: int
+    lr: float
+    losses: dict[str, float]
+    reference_kind: str
+    lpips_net: str
+    patience: int | None
+    min_improvement: float
+    stop_below: float | None
+    invert_init: str
+    invert_with_operator: bool
+    prior_weight: float
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "OptimizationSettings":
@@ -42,6 +42,9 @@ class OptimizationSettings:
             raise ValueError(f"unknown optimize.* key(s) {sorted(unknown)}; valid: {', '.join(sorted(known))}, "
                              f"reference_path, invert_chain")
         vals = {k: v for k, v in cfg.items() if k in known}
+        missing = sorted(known - set(vals))
+        if missing:
+            raise ValueError(f"optimize.* lacks {', '.join(missing)} (compose it from conf/optimize/)")
         if "losses" in vals:
             vals["losses"] = {str(k): float(v) for k, v in (vals["losses"] or {}).items()}
         return cls(**vals)
