@@ -9,12 +9,14 @@ from omegaconf import OmegaConf
 from app_support import TINY, compose_cfg, error_lines, run_cli, run_inprocess
 
 
-def test_trainer_keys_reach_lightning(tmp_path):
+def test_trainer_keys_reach_lightning(tmp_path, capsys):
     """Any Trainer argument can be added; limit_predict_batches=1 restores one of the two images."""
     summary = run_inprocess([*TINY, "+trainer.limit_predict_batches=1",
                              "+callbacks.timer._target_=pytorch_lightning.callbacks.Timer"], tmp_path)
     assert summary["n_images"] == 1
     assert len(list((tmp_path / "images").glob("*.png"))) == 1
+    # an explicit dataset.size that resizes says so (the 256 px samples at dataset.size=32)
+    assert "note: resizing 2 of 2 images (256x256) to 32x32" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("override, needle", [("+trainer.no_such_arg=1", "no_such_arg"),

@@ -7,13 +7,18 @@ import json
 from app_support import REPO, TINY, run_cli
 
 
-def test_invert_log_has_the_summary_line(tmp_path):
-    proc = run_cli([*TINY, f"hydra.run.dir={tmp_path}"], timeout=300)
+def test_invert_log_summary_and_live_per_image_logging(tmp_path):
+    proc = run_cli([*TINY, "logger=csv", f"hydra.run.dir={tmp_path}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = [ln for ln in proc.stdout.splitlines() if " | 2 images | " in ln]
     assert len(summary) == 1 and "stopped at the round cap (solver.max_iter=4)" in summary[0]
     assert summary[0] in (tmp_path / "invert.log").read_text()
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "convergence.png").stat().st_size > 0
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    live = [r for r in rows if r.get("image/psnr")]
+    assert [int(r["step"]) for r in live] == [0, 1]  # one row per image as it finished (PerImageLogger)
+    assert any(r.get("metrics/psnr") for r in rows)  # and the run's means at the end
 
 
 def test_unconditional_inversion_reports_honestly(tmp_path):
@@ -47,20 +52,3 @@ def test_folder_dataset_keeps_the_images_own_size(tmp_path, capsys):
 
     assert yaml.safe_load((REPO / "conf" / "dataset" / "folder.yaml").read_text())["size"] is None
 
-
-def test_an_explicit_size_says_it_resizes(tmp_path, capsys):
-    from app_support import run_inprocess
-
-    run_inprocess(TINY, tmp_path)  # the 256 px sample images at dataset.size=32
-    assert "note: resizing 2 of 2 images (256x256) to 32x32" in capsys.readouterr().out
-
-
-def test_each_image_is_logged_as_it_finishes(tmp_path):
-    from app_support import run_inprocess
-
-    run_inprocess([*TINY, "logger=csv"], tmp_path)
-    with open(tmp_path / "csv" / "metrics.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    live = [r for r in rows if r.get("image/psnr")]
-    assert [int(r["step"]) for r in live] == [0, 1]  # one row per image, logged by PerImageLogger
-    assert any(r.get("metrics/psnr") for r in rows)  # and the run's means at the end
