@@ -60,8 +60,9 @@ def test_api_uses_the_yaml_defaults():
     from deqir.lit.builders import chain_settings
 
     chain = chain_settings(dict(cfg.sampler), dict(cfg.solver))
+    max_iter = cfg.solver.max_iter if cfg.solver.max_iter is not None else cfg.sampler.timesteps  # null = T
     assert (chain.form, chain.max_iter, chain.coarse_steps, chain.per_step_noise) == (
-        cfg.sampler.form, cfg.solver.max_iter, cfg.sampler.coarse_steps, cfg.sampler.per_step_noise)
+        cfg.sampler.form, max_iter, cfg.sampler.coarse_steps, cfg.sampler.per_step_noise)
 
 
 @pytest.mark.parametrize("bad, match", [
