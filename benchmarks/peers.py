@@ -72,21 +72,27 @@ def run_deepinv(name: str, model, op, y01: torch.Tensor, sigma_y: float, steps: 
     raise ValueError(f"unknown deepinv method {name!r}; valid: DDRM, DiffPIR, DPS")
 
 
-def ddrm_agreement(model, op, x, y, sigma_y, T, seeds) -> dict:
-    """Mean PSNR of our DDRM and deepinv's DDRM on the same T-step grid over ``seeds`` (same y)."""
+def ddrm_agreement(model, op, x, y, sigma_y, T, seeds, clip: bool = True) -> dict:
+    """Mean PSNR of our DDRM and deepinv's DDRM on the same T-step grid over ``seeds`` (same y); also ours with
+    deepinv's fresh noise scaled by 1/sqrt(2) as deepinv does (docs/chains.md), the quirk that moves its PSNR."""
     grid = SamplingGrid.create(T)
     co = coefficients_on(list(grid.t), list(grid.t_next))
-    ours, theirs = [], []
+    ours, ours_half, theirs = [], [], []
     for s in seeds:
         g = torch.Generator().manual_seed(1000 + s)
         x_T = torch.randn(x.shape, generator=g)
         z = torch.randn((x.shape[0], T, *x.shape[1:]), generator=g)
-        step = make_step("ddrm", co, operator=op, y=y, z=z, sigma_y=sigma_y, eta=0.85, eta_b=1.0)
+        # clip_x0: deepinv clamps every denoiser output (the official DDRM does not)
+        step = make_step("ddrm", co, operator=op, y=y, z=z, sigma_y=sigma_y, eta=0.85, eta_b=1.0, clip_x0=clip)
         ours.append(psnr(sample_sequential(model, co, x_T, step_fn=step)[0], x))
+        half = make_step("ddrm", co, operator=op, y=y, z=z / 2**0.5, sigma_y=sigma_y, eta=0.85, eta_b=1.0,
+                         clip_x0=clip)
+        ours_half.append(psnr(sample_sequential(model, co, x_T, step_fn=half)[0], x))
         y01 = (y + op.A(torch.ones_like(x))) / 2
         theirs.append(psnr(torch.cat([run_deepinv("DDRM", model, op, y01[b : b + 1], sigma_y, T, 97 * s + b)[0]
                                       for b in range(x.shape[0])]), x))
-    return {"psnr_ours": sum(ours) / len(ours), "psnr_deepinv": sum(theirs) / len(theirs)}
+    return {"psnr_ours": sum(ours) / len(ours), "psnr_deepinv": sum(theirs) / len(theirs),
+            "psnr_ours_noise_over_sqrt2": sum(ours_half) / len(ours_half)}
 
 
 def run(args):
@@ -106,20 +112,20 @@ def run(args):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
     for task in args.tasks:
-        y = op = sigma_y = None
+        base = restore_with_chain(model, task, x, T, list(args.override or []), device, samplers=())
+        y, op, sigma_y = base["y"], base["op"], base["sigma_y"]
         for chain in args.chains:
             try:
-                r = restore_with_chain(model, task, x, T, [f"chain={chain}"], device)
+                r = restore_with_chain(model, task, x, T, [*(args.override or []), f"chain={chain}"], device)
             except ValueError as err:
                 print(f"skip {chain} / {task}: {err}", flush=True)
                 continue
-            y, op, sigma_y = r["y"], r["op"], r["sigma_y"]
             k = 2 if r["vjp"] else 1
             score({"task": task, "method": f"deqir {chain} seq", "nfe": k * T, "s_per_img": r["t_seq"] / B},
                   r["seq"], y, op)
             score({"task": task, "method": f"deqir {chain} DEQ", "nfe": k * r["deq_nfe"] / B,
                    "s_per_img": r["t_deq"] / B}, r["deq"], y, op)
-        if op is None or not isinstance(op, SVDOperator):
+        if not isinstance(op, SVDOperator):
             continue
         y01 = (y + op.A(torch.ones_like(x))) / 2
         for name in args.peers:
@@ -138,13 +144,15 @@ def run(args):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=TASKS)
-    ap.add_argument("--chains", nargs="+", default=CHAINS)
+    ap.add_argument("--chains", nargs="*", default=CHAINS)
     ap.add_argument("--peers", nargs="*", default=["DDRM", "DiffPIR", "DPS"])
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--T", type=int, default=25)
     ap.add_argument("--peer-steps", type=int, default=100, help="deepinv's steps (its DDRM/DiffPIR default 100)")
     ap.add_argument("--ddrm-seeds", type=int, default=3, help="seeds of the DDRM agreement check (0: skip)")
+    ap.add_argument("--override", nargs="*", default=None, metavar="KEY=VALUE",
+                    help="invert.py overrides for deqir's chains, e.g. solver=anderson sampler.timesteps=50")
     ap.add_argument("--lpips", default="vgg")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -159,7 +167,8 @@ def main(argv=None) -> None:
             ("s_per_img", "s/img", ".1f")]
     table = print_table(rows, cols)
     for task, a in agreement.items():
-        print(f"DDRM agreement {task}: deqir {a['psnr_ours']:.2f} dB vs deepinv {a['psnr_deepinv']:.2f} dB "
+        print(f"DDRM agreement {task}: deqir {a['psnr_ours']:.2f} dB (noise / sqrt 2: "
+              f"{a['psnr_ours_noise_over_sqrt2']:.2f}) vs deepinv {a['psnr_deepinv']:.2f} dB "
               f"(T={args.T}, {args.ddrm_seeds} seeds)")
     write_json(args.json, {"benchmark": "peers", "model": note, "machine": machine_info(torch.device("cpu")),
                            "args": vars(args), "table": table, "rows": rows, "ddrm_agreement": agreement})

@@ -110,7 +110,7 @@ def run(args) -> list[dict]:
             st, op, y = r["settings"], r["op"], r["y"]
             target = to_unit(x)
             row = {"chain": st.chain, "task": task, "sigma_y": r["sigma_y"], "etw": r["sampler"]["etw"],
-                   "clip_x0": st.clip_x0, "solver": st.solver}
+                   "clip_x0": bool(st.chain_params.get("clip_x0", st.clip_x0)), "solver": st.solver}
             for label, img in (("base", op.A_pinv(y)), ("seq", r["seq"]), ("deq", r["deq"])):
                 m = suite.compute(to_unit(img), target)
                 for k, v in m.items():

@@ -87,6 +87,7 @@ def test_peers_benchmark_runs(tmp_path):
     out = tmp_path / "peers.json"
     res = subprocess.run([sys.executable, str(root / "benchmarks/peers.py"), "--size", "32", "--images", "1", "--T", "4",
                           "--peer-steps", "4", "--ddrm-seeds", "1", "--tasks", "inpaint_random", "--chains", "ddrm",
+                          "--override", "solver=picard",
                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=root,
                          check=False)
     assert res.returncode == 0, res.stderr[-3000:]
