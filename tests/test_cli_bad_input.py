@@ -224,6 +224,16 @@ def test_16bit_colour_png_keeps_its_precision(tmp_path):
         read_image(_png16(tmp_path / "ghost16.png", opaque))
 
 
+def test_16bit_colour_tiff_says_it_is_read_at_8_bits(tmp_path):
+    tifffile = pytest.importorskip("tifffile")  # the only writer of 16-bit colour TIFFs here (a dev extra)
+    from deqir.datasets.decode import ImagePrecisionWarning
+    from deqir.datasets.images import read_image
+
+    tifffile.imwrite(tmp_path / "scan.tif", np.full((4, 5, 3), 3007, np.uint16), photometric="rgb")
+    with pytest.warns(ImagePrecisionWarning, match=r"scan\.tif has 16-bit colour channels.*16-bit PNG"):
+        assert read_image(tmp_path / "scan.tif").shape == (4, 5, 3)
+
+
 def test_pixel_limit_refuses_before_decoding_and_shrinks_jpegs(tmp_path, monkeypatch):
     from deqir.datasets.images import read_image
 
