@@ -27,25 +27,40 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(overrides: list[str], threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(REPO / "invert.py"), *overrides, f"hydra.run.dir={tmp}/run"],
-                              capture_output=True, text=True, env=env, cwd=str(REPO))
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"invert.py failed ({' '.join(overrides)}):\n{proc.stderr[-2000:]}")
-        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+def run(overrides: list[str], threads: int, run_dir: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "invert.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, env=env, cwd=str(REPO))
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"invert.py failed ({' '.join(overrides)}):\n{proc.stderr[-2000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     n = metrics["n_images"]
     return {
-        "overrides": overrides, "n_images": n, "wall_s": round(wall, 2),
+        "overrides": overrides, "n_images": n, "wall_s": round(wall, 2), "run_dir": str(run_dir),
+        "solver_choice": metrics.get("solver_choice"),
         "images_per_min_wall": round(60 * n / wall, 3),
         "solve_s_per_image": round(metrics["seconds"], 3),
         "images_per_min_solve": round(60 / metrics["seconds"], 3) if metrics.get("seconds") else None,
         "rounds": metrics.get("rounds"), "nfe": metrics.get("nfe"), "psnr": metrics.get("psnr"),
-        "summary": proc.stdout.strip().splitlines()[-1],
+        "summary": " | ".join(proc.stdout.strip().splitlines()[-2:]),
     }
+
+
+def psnr_to(run_dir: Path, reference_dir: Path) -> float | None:
+    """Mean PSNR (dB, 8-bit images) of a run's restorations against the same names in another run."""
+    import numpy as np
+    from PIL import Image
+
+    vals = []
+    for ref in sorted((reference_dir / "images").glob("*.png")):
+        other = run_dir / "images" / ref.name
+        a = np.asarray(Image.open(ref), dtype=np.float64) / 255
+        b = np.asarray(Image.open(other), dtype=np.float64) / 255
+        mse = float(((a - b) ** 2).mean())
+        vals.append(100.0 if mse == 0 else 10 * np.log10(1 / mse))
+    return round(float(np.mean(vals)), 2) if vals else None
 
 
 def main() -> None:
@@ -68,8 +83,10 @@ def main() -> None:
     if weights != "packaged":
         base.append(f"model.ckpt_path={weights}")
     cases = {
-        "deq, 1 process": ["sampler=deq"],
         "sequential, 1 process": ["sampler=sequential"],
+        "deq default (solver=auto), 1 process": ["sampler=deq"],
+        "deq solver=quasi_newton (all slots), 1 process": ["sampler=deq", "solver=quasi_newton"],
+        "deq solver=anderson (the former default), 1 process": ["sampler=deq", "solver=anderson", "sampler.init=x_T"],
     }
     if not args.quick:
         ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -79,12 +96,17 @@ def main() -> None:
             "deq, 2 processes (timesteps)": ["sampler=deq", *ddp, "parallel.timesteps=true"],
         }
     results = {}
-    for label, extra in cases.items():
-        threads = 1 if any("devices=2" in e for e in extra) else args.threads
-        results[label] = run(base + extra, threads)
-        r = results[label]
-        print(f"{label:36s} {r['images_per_min_wall']:7.2f} img/min wall  {r['images_per_min_solve'] or 0:7.2f} "
-              f"img/min solve  ({r['n_images']} images, {r['wall_s']:.1f} s, {r['rounds']} rounds)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, extra) in enumerate(cases.items()):
+            threads = 1 if any("devices=2" in e for e in extra) else args.threads
+            results[label] = run(base + extra, threads, Path(tmp) / f"run{i}")
+        seq = results["sequential, 1 process"]
+        for label, r in results.items():
+            r["wall_vs_sequential"] = round(r["wall_s"] / seq["wall_s"], 3)
+            r["psnr_to_sequential"] = psnr_to(Path(r["run_dir"]), Path(seq["run_dir"]))
+            print(f"{label:52s} {r['images_per_min_wall']:7.2f} img/min wall ({r['wall_vs_sequential']:.2f}x seq)  "
+                  f"{r['images_per_min_solve'] or 0:7.2f} img/min solve  PSNR to seq {r['psnr_to_sequential']} dB  "
+                  f"({r['n_images']} images, {r['wall_s']:.1f} s, {r['rounds']} rounds)", flush=True)
     out = {"size": args.size, "timesteps": args.timesteps, "weights": weights, "model_dtype": args.model_dtype,
            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
            "python": platform.python_version(), "results": results}

@@ -37,7 +37,7 @@ def test_outputs_layout_and_metrics(base_run):
     for col in ("psnr", "ssim", "consistency", "rounds", "nfe", "residual", "seconds", "status"):
         assert col in rows[0], col
     assert "lpips" not in rows[0]  # eval=fast
-    assert int(rows[0]["nfe"]) == int(rows[0]["rounds"]) * 4  # rounds x T model image-evaluations
+    assert 4 <= int(rows[0]["nfe"]) <= int(rows[0]["rounds"]) * 4  # at most rounds x T model image-evaluations
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_images"] == 2
     assert metrics["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))
@@ -267,7 +267,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     from app_support import REPO
 
-    slow = [*TINY, "dataset.limit=3", "sampler.timesteps=10", "solver.max_iter=10", "solver.tol=0"]
+    # a fixed solver: solver=auto times the device, so two independent runs may choose different schedules
+    slow = [*TINY, "dataset.limit=3", "sampler.timesteps=10", "solver=quasi_newton", "solver.max_iter=10",
+            "solver.tol=0"]
     ref = tmp_path / "ref"
     run_inprocess(slow, ref)
     run = tmp_path / "killed"

@@ -34,12 +34,16 @@ def test_quality_benchmark_composes_task_presets(tmp_path):
 @pytest.mark.slow
 def test_deq_vs_sequential_benchmark_windows(tmp_path):
     data = run_bench("deq_vs_sequential.py", ["--T", "4", "--tasks", "deblur", "--solvers", "picard", "sliding_window",
-                                              "--windows", "2", "--images", "1", "--size", "32", "--chains", "default"],
+                                              "quasi_newton(w=4)", "--windows", "2", "--images", "1", "--size", "32",
+                                              "--chains", "default"],
                      tmp_path / "d.json")
     rows = {r["solver"]: r for r in data["rows"]}
-    assert set(rows) == {"picard", "sliding_window(w=2)"}
+    assert set(rows) == {"picard", "sliding_window(w=2)", "quasi_newton(w=4)"}
     assert rows["picard"]["psnr_seq"] > 60 and rows["picard"]["work"] == pytest.approx(rows["picard"]["rounds"])
     assert rows["sliding_window(w=2)"]["work"] < rows["picard"]["work"]
+    qn = rows["quasi_newton(w=4)"]
+    assert qn["rounds"] <= 4 and qn["work"] <= qn["rounds"] and qn["rounds_8bit"] is not None
+    assert data["pareto"]  # the rounds-vs-work front is written
 
 
 @pytest.mark.slow

@@ -71,7 +71,11 @@ def test_task_defaults_follow_the_paper():
         "name": "deblur_gauss", "params": {"kernel_size": 5, "sigma": 10.0, "legacy_svd": False}, "sigma_y": 0.0}
     assert compose_cfg(["task=sr4"]).task.params.scale == 4
     assert compose_cfg(["task=denoise"]).task.sigma_y == 0.1
-    solver = compose_cfg([]).solver  # the official constants, up to 30 rounds (measured, README)
+    auto = compose_cfg([]).solver  # the default: quasi_newton with a device-measured schedule (docs/solvers.md)
+    assert (auto.name, auto.stop_mode, auto.tol, auto.window, auto.history_size, auto.output_tol, auto.knee_factor,
+            auto.max_iter) == ("auto", "noise", 0.02, None, 2, 0.5, 1.5, None)
+    assert compose_cfg([]).sampler.init == "surrogate"
+    solver = compose_cfg(["solver=anderson"]).solver  # the official constants, up to 30 rounds (measured, README)
     assert (solver.name, solver.history_size, solver.lam, solver.beta, solver.max_iter, solver.tol, solver.stop_mode,
             solver.mixing) == ("anderson", 5, 1e-3, 1.0, 30, 1e-3, "rel", "image")
     official = compose_cfg(["solver=anderson_official"]).solver  # the paper's sampler constants
@@ -89,7 +93,7 @@ def test_official_readme_experiment():
     assert (cfg.solver.mixing, cfg.solver.return_value, cfg.solver.select) == ("slot", "x", "last")
 
 
-@pytest.mark.parametrize("override", ["task=deblurr", "solver=newton", "sampler=ddim", "trainer=tpu"])
+@pytest.mark.parametrize("override", ["task=deblurr", "solver=newtonn", "sampler=ddim", "trainer=tpu"])
 def test_unknown_options_fail_with_the_valid_list(override):
     with pytest.raises((ConfigCompositionException, MissingConfigException)) as info:
         compose_cfg([override])

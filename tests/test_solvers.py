@@ -92,7 +92,7 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 
 # ------------------------------------------------------------------------------ registry, contract
 def test_registry_lists_solvers_and_rejects_unknown_names():
-    assert set(SOLVERS) == {"anderson", "picard", "sliding_window"}
+    assert set(SOLVERS) == {"anderson", "picard", "sliding_window", "quasi_newton"}
     assert get_solver("anderson") is anderson
     with pytest.raises(ValueError, match="'anderson', 'picard', 'sliding_window'"):
         get_solver("broyden")

@@ -245,6 +245,67 @@ class ChainMap:
         """The paper's initialisation: every slot equal to x_T. (B, T, C, H, W)."""
         return self.x_T.detach().unsqueeze(1).expand(-1, self.num_slots, *self.x_T.shape[1:]).clone()
 
+    # -- Newton-like sweeps (deqir.deq.linearize, docs/solvers.md) --------------------------------
+    @property
+    def slot_noise_std(self) -> Tensor:
+        """(T,) float64 sqrt(1 - a'_j): the noise level of slot j's state (0 for x0, the last slot)."""
+        return torch.sqrt(torch.clamp(1 - self.coeffs.a_next, min=0.0))
+
+    @property
+    def linearizable(self) -> bool:
+        """Whether :meth:`linear_step` models this chain (the DDNM step; other chains sweep with M = 0)."""
+        return self.form == "step" and self.step_fn.name == "ddnm"
+
+    def linear_step(self, v: Tensor, j: int, prior) -> Tensor:
+        """M_j v ~ (d Phi_j / d x) v for (B, C, H, W) v, with the eps-model replaced by the posterior-mean
+        denoiser of ``prior`` (a :class:`~deqir.deq.linearize.SpectralGaussianPrior`):
+
+            M_j v = sqrt(a'_j) (I - lam_j A^+A) K v + c2_j (v - sqrt(a_j) K v) / sqrt(1 - a_j),   K = K_{a_j}
+        """
+        if not self.linearizable:
+            return torch.zeros_like(v)
+        co = self.coeffs
+        a, an, lam, c2 = float(co.a[j]), float(co.a_next[j]), float(co.lam[j]), float(co.c2[j])
+        Kv = prior.gain(v, a)
+        out = an**0.5 * Kv
+        if self.operator is not None and lam != 0.0:
+            out = out - lam * self.project(out.unsqueeze(1))[:, 0]
+        if c2 != 0.0:
+            out = out + c2 * (v - a**0.5 * Kv) / (1 - a) ** 0.5
+        return out
+
+    def surrogate_state(self, prior) -> Tensor:
+        """A zero-cost initial chain: the chain itself run sequentially with the eps-model replaced by the
+        posterior-mean denoiser of a Gaussian image prior (``prior``, :mod:`deqir.deq.linearize`; zero mean),
+        x0_hat_j = K_{a_j} x_j, through the chain's own step (data consistency and noise z_j included). For
+        DDNM this is DDNM with a Gaussian prior: holes and lost frequencies are filled smoothly from the
+        measurements. The base point of :meth:`linear_step`. Returns (B, T, C, H, W); no model call."""
+        co, x, out = self.coeffs, self.x_T.detach(), []
+        zero_vjp = (lambda w: torch.zeros_like(w)) if self.step_fn.needs_vjp else None
+        for j in range(self.num_slots):
+            a = float(co.a[j])
+            eps = (x - a**0.5 * prior.gain(x, a)) / (1 - a) ** 0.5
+            x = self.step_fn(x.unsqueeze(1), eps.unsqueeze(1), j, j + 1, vjp=zero_vjp)[:, 0]
+            out.append(x)
+        return torch.stack(out, dim=1)
+
+    def extrapolated_state(self, x0_hat: Tensor | None = None) -> Tensor:
+        """A zero-cost initial chain (ParaSolver's DDIM-jump fill, Lu et al. 2025): every step is taken with
+        the eps that is consistent with a fixed clean estimate x0_hat, eps_j = (x_j - sqrt(a_j) x0_hat) /
+        sqrt(1 - a_j), through the chain's own step (data consistency and noise z_j included). x0_hat
+        (B, C, H, W) defaults to A^+ y (0 without an operator). Returns (B, T, C, H, W); no model call."""
+        if x0_hat is None:
+            x0_hat = self.pinv_y if self.pinv_y is not None else torch.zeros_like(self.x_T)
+        x0_hat = x0_hat.detach().to(self.x_T.dtype)
+        co, x, out = self.coeffs, self.x_T.detach(), []
+        zero_vjp = (lambda w: torch.zeros_like(w)) if self.step_fn.needs_vjp else None
+        for j in range(self.num_slots):
+            a = float(co.a[j])
+            eps = (x - a**0.5 * x0_hat) / (1 - a) ** 0.5
+            x = self.step_fn(x.unsqueeze(1), eps.unsqueeze(1), j, j + 1, vjp=zero_vjp)[:, 0]
+            out.append(x)
+        return torch.stack(out, dim=1)
+
 
 def _lower_products(rho: Tensor) -> Tensor:
     """W[j, i] = prod_{k=i+1..j} rho_k for i <= j (1 on the diagonal), 0 above. Float64, robust to rho = 0."""

@@ -13,9 +13,10 @@ from deqir.diffusion.protocols import EpsModel, LinearOperator
 from deqir.diffusion.schedule import SamplingGrid
 from deqir.diffusion.sequential import sample_sequential
 from deqir.deq.joint_map import ChainMap, EpsEvaluator
+from deqir.deq.linearize import SpectralGaussianPrior
 from deqir.deq.solvers import SolverStats, get_solver, solver_options
 
-INITS = ("x_T", "coarse")
+INITS = ("x_T", "coarse", "extrapolate", "surrogate")
 
 
 @dataclass
@@ -109,8 +110,13 @@ def sample_deq(
         solver: ``anderson`` | ``picard`` | ``sliding_window``; ``options`` its extra keywords
             (e.g. ``history_size``, ``lam``, ``beta``, ``mixing``, ``window``).
         max_iter, tol, stop_mode: stopping rule (rounds, relative/absolute residual).
-        init: ``x_T`` (every slot = x_T, the paper), ``coarse`` (:func:`coarse_warm_start` with
-            ``min(coarse_steps, T)`` steps) or a (B, T, C, H, W) tensor of initial states.
+        init: ``x_T`` (every slot = x_T, the paper), ``extrapolate`` (every step taken with the eps consistent
+            with x0 = A^+ y, no model call: :meth:`~deqir.deq.joint_map.ChainMap.extrapolated_state`),
+            ``surrogate`` (the chain run with a Gaussian prior's denoiser in place of the model, no model call:
+            :meth:`~deqir.deq.joint_map.ChainMap.surrogate_state`; the prior is the solver's ``prior_slope`` /
+            ``prior_variance`` when it has them),
+            ``coarse`` (:func:`coarse_warm_start` with ``min(coarse_steps, T)`` steps) or a (B, T, C, H, W)
+            tensor of initial states (e.g. a neighbouring image's converged chain).
         max_batch: micro-batch size of the model calls (memory bound; results do not depend on it).
         eps_evaluator: replaces the model call (e.g. timestep-parallel evaluation across ranks).
         callback: called once per round with the solver's info dict.
@@ -127,6 +133,12 @@ def sample_deq(
         z0 = init.to(x_T.dtype)
     elif init == "x_T":
         z0 = fmap.initial_state()
+    elif init == "extrapolate":
+        z0 = fmap.extrapolated_state()
+    elif init == "surrogate":
+        o = options or {}  # the solver's prior when it has one (quasi_newton), else the prior's defaults
+        z0 = fmap.surrogate_state(SpectralGaussianPrior(**{k[6:]: o[k] for k in ("prior_slope", "prior_variance")
+                                                            if o.get(k) is not None}))
     elif init == "coarse":
         # the warm start runs the model directly; route it through the evaluator when one is given
         m = model if eps_evaluator is None else eps_evaluator

@@ -6,6 +6,7 @@ as each batch is done; rank 0 writes the tables, plots and the summary line at t
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -21,6 +22,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from deqir.lit import builders, report, sizing
+from deqir.lit.autotune import AutoChoice
 from deqir.lit.datamodule import RestorationDataModule
 from deqir.lit.instantiate import build_callbacks, instantiate_strict
 from deqir.lit.live_log import PerImageLogger
@@ -54,6 +56,11 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     dataset, op, model, shape = _data_and_model(plain)
     timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
     module = build_module(plain, op, model, shape, timestep_parallel=timestep_parallel)
+    choice_file = run_dir / "solver_choice.json"  # solver=auto: a resumed run reuses its first measurement
+    if choice_file.is_file() and hasattr(module, "auto_choice"):
+        module.auto_choice = AutoChoice.from_dict(json.loads(choice_file.read_text()))
+    elif hasattr(module, "auto_choice") and rank_zero_only.rank == 0:  # kept as soon as it is made (kill -9 safe)
+        module.on_auto_choice = lambda c: choice_file.write_text(json.dumps(c.as_dict(), indent=2))
 
     store.prepare(dataset.paths, batch_size=int(plain.get("batch_size", 1)))  # inputs outside the run dir, hashes
     if rank_zero_only.rank == 0:
@@ -175,6 +182,11 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
                    max_iter=builders.chain_settings(plain["sampler"], plain["solver"]).max_iter if deq else None,
                    timesteps=int(plain["sampler"]["timesteps"]), model=str(plain["model"].get("name")),
                    lpips_net=ev.get("lpips") if "lpips" in summary else None)
+    choice = getattr(getattr(trainer, "lightning_module", None), "auto_choice", None) if deq else None
+    if choice is None and deq and (store.root / "solver_choice.json").is_file():
+        choice = AutoChoice.from_dict(json.loads((store.root / "solver_choice.json").read_text()))
+    if choice is not None:  # solver=auto: what the start-up measurement chose, and why (deqir.lit.autotune)
+        summary["solver_choice"] = choice.as_dict()
     report.write_metrics(store, summary)
     report.write_grid(store, records)
     conv = report.write_convergence(store, records, stop_mode=str(plain["solver"]["stop_mode"]),
@@ -182,6 +194,8 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
     if trainer is not None and trainer.logger:
         log_results(trainer.logger, store, records, summary, conv)
     line = report.summary_line(task_label, sampler, summary, store.root, fid)
+    if choice is not None:
+        line += f"\nsolver=auto -> {choice.schedule} (window {choice.window}, max_batch {choice.max_batch}): {choice.reason}"
     print(line, flush=True)
     RUN_LOG.info(line)
     return summary

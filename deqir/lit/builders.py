@@ -121,7 +121,10 @@ def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any],
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
     name = str(solver_cfg["name"])
-    valid = set(solver_options(name)) - {"callback"}
+    # solver=auto resolves to quasi_newton's schedule at run time (deqir.lit.autotune)
+    valid = set(solver_options("quasi_newton" if name == "auto" else name)) - {"callback"}
+    if name == "auto":
+        valid.add("knee_factor")
     options = {k: v for k, v in solver_cfg.items() if k not in _SOLVER_KEYS and v is not None}
     unknown = sorted(set(options) - valid)
     if unknown:

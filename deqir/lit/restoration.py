@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -159,6 +159,8 @@ class RestorationModule(pl.LightningModule):
         self.round_hook: Callable[[int, float], None] | None = None
         self.progress_labels = ("round", "residual")  # what round_hook reports (the progress bar's words)
         self._evaluator: Callable[[Tensor, Tensor], Tensor] | None = None
+        self.auto_choice = None  # solver=auto: deqir.lit.autotune.AutoChoice, set on the first batch
+        self.on_auto_choice: Callable | None = None  # called once with it (the app keeps it in the run directory)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_predict_start(self) -> None:
@@ -207,8 +209,8 @@ class RestorationModule(pl.LightningModule):
 
     def restore(self, problem: Problem) -> Restored:
         """Restore one batch (override this in subclasses). Runs the sampler without autograd."""
-        ch, T = self.chain, len(self.coeffs)
         p = problem
+        ch, T = self.resolve_auto(p), len(self.coeffs)
         B = p.x_T.shape[0]
         evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, ch.max_batch))
         step_fn = self.chain_step(p)
@@ -249,6 +251,32 @@ class RestorationModule(pl.LightningModule):
             residual_trace=[[float(v) for v in trace[:, b] if math.isfinite(float(v))] for b in range(B)],
             round_x0=round_x0 if record else None,
         )
+
+    def resolve_auto(self, problem: Problem) -> ChainSettings:
+        """The settings to run: ``solver=auto`` is resolved once, on the first batch, by measuring the cost of
+        batched model calls on this device and image size (:mod:`deqir.lit.autotune`); ``auto_choice`` keeps
+        what was chosen and why."""
+        ch = self.chain
+        if ch.sampler != "deq" or ch.solver != "auto":
+            return ch
+        if self.auto_choice is None:
+            from deqir.lit.autotune import choose_schedule, measure_batch_costs
+
+            opts = ch.solver_options
+            knee_factor = float(opts.get("knee_factor", 1.5))
+            T, B = len(self.coeffs), problem.x_T.shape[0]
+            costs = measure_batch_costs(lambda x, t: self.model(x, t), problem.x_T[:1], int(self.coeffs.t[0]),
+                                        max_size=B * T, knee_factor=knee_factor)
+            self.auto_choice = choose_schedule(costs, T, B, knee_factor)
+            if self.on_auto_choice is not None:
+                self.on_auto_choice(self.auto_choice)
+        c = self.auto_choice
+        opts = {k: v for k, v in ch.solver_options.items() if k != "knee_factor"}
+        if c.schedule == "sequential":
+            return replace(ch, sampler="sequential", solver="quasi_newton", solver_options=opts)
+        # quasi_newton solves the step form: the same chain and fixed point as the cumsum form
+        return replace(ch, solver="quasi_newton", solver_options={**opts, "window": c.window}, form="step",
+                       max_batch=ch.max_batch if ch.max_batch is not None else c.max_batch)
 
     def chain_step(self, problem: Problem) -> ChainStep | None:
         """The chain's step bound to this batch (deqir.chains); None for ``ddnm`` (the built-in DDNM chain)."""

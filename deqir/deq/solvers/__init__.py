@@ -15,7 +15,9 @@ B independent problems (images), S slots (the T timesteps of the chain). One con
 
 Solvers: ``"anderson"`` (type-II Anderson, official DeqIR defaults), ``"picard"`` (fixed-point
 iteration, exact after S rounds on triangular maps), ``"sliding_window"`` (ParaDiGMS-style window over
-a :class:`~deqir.deq.protocols.TriangularMap`).
+a :class:`~deqir.deq.protocols.TriangularMap`), ``"quasi_newton"`` (Newton-like sweeps over the slots of a
+step-form chain map with a Gaussian-prior linearisation, secant updates, a frontier window and
+noise-scaled per-slot tolerances; :mod:`deqir.deq.solvers.newton`).
 
 Example:
     >>> import torch
@@ -34,6 +36,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from deqir.deq.solvers.anderson import LAM_MODES, MIXINGS, anderson, anderson_weights
+from deqir.deq.solvers.newton import quasi_newton
 from deqir.deq.solvers.picard import picard
 from deqir.deq.solvers.sliding_window import sliding_window
 from deqir.deq.solvers.stats import RESIDUAL_EPS, STATUSES, Residuals, SolverStats, residuals
@@ -51,6 +54,7 @@ __all__ = [
     "anderson_weights",
     "get_solver",
     "picard",
+    "quasi_newton",
     "residuals",
     "sliding_window",
     "solver_options",
@@ -75,7 +79,7 @@ class Solver(Protocol):
 
 #: Registry: config name -> solver function (read-only).
 SOLVERS: Mapping[str, Solver] = MappingProxyType(
-    {"anderson": anderson, "picard": picard, "sliding_window": sliding_window}
+    {"anderson": anderson, "picard": picard, "sliding_window": sliding_window, "quasi_newton": quasi_newton}
 )
 
 

@@ -1,0 +1,234 @@
+"""Quasi-Newton sweeps over a triangular chain, with a frontier window and per-slot freezing (docs/solvers.md).
+
+For a map in step form, X_j = Phi_j(X_{j-1}) (slot 0 reads the fixed x_T), one round is
+
+    1. R_j = Phi_j(X_{j-1}) - X_j for the evaluated slots j in [lo, hi)   (one batched model call)
+    2. D_lo = R_lo,  D_j = R_j + M_j D_{j-1} for j > lo                   (a cheap sequential sweep)
+    3. X_j += D_j for every j >= lo
+
+i.e. X <- X + (I - M L)^{-1} R: Newton's method on the triangular system with the step Jacobians replaced by
+M_j (Picard is M = 0). M_j = M0_j + a multisecant correction: M0_j is the map's own linear model
+(:meth:`~deqir.deq.joint_map.ChainMap.linear_step`, a Gaussian-prior linearisation, no model call), and the
+last ``history_size`` pairs (s, y) of (input change of slot j, output change of Phi_j) observed over the rounds
+fix it on the directions the iteration actually moves (least-change update, Broyden's "good" form per slot):
+
+    M_j v = M0_j v + (Y - M0_j S) (S^T S + reg)^{-1} S^T v
+
+Slots beyond the window are not evaluated; step 2 still moves them by the linear propagation of the upstream
+correction (R_j = 0 there), a free fill-ahead in the spirit of ParaSolver's DDIM-jump initialisation.
+
+Freezing and stopping (ParaDiGMS-style noise-scaled tolerances, Shih et al. 2023). Slot j's change is
+judged against the noise the chain itself holds at that slot, sigma_j = sqrt(1 - a'_j):
+``RMS(D_j) <= max(tol sigma_j, output level)``. Slot lo is exact after the round (its input was exact), and
+every following slot whose input barely moved is exact too, so the frontier ``lo`` (the converged prefix)
+advances by at least one slot per round and frozen slots are never evaluated again. An image stops when
+the prefix covers the chain, or when the output slot (x0) was evaluated, both its residual and its change are
+below ``output_tol`` 8-bit levels everywhere (max over pixels: a change the saved image cannot show) and no
+slot moved by more than its own tolerance in that round. Work is counted exactly: B x (evaluated slots) per round.
+
+Example:
+    >>> # z, stats = quasi_newton(chain_map, z0, tol=0.02, window=None, history_size=2)  # chain_map: ChainMap
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from deqir.deq.linearize import SpectralGaussianPrior
+from deqir.deq.solvers._common import Callback, check_common, check_state, image_view
+from deqir.deq.solvers.stats import SolverStats, overall_status
+
+__all__ = ["quasi_newton", "LEVEL"]
+
+#: One 8-bit level on the chain's [-1, 1] scale.
+LEVEL = 2.0 / 255.0
+
+
+def quasi_newton(
+    f,
+    z0: Tensor,
+    *,
+    max_iter: int | None = None,
+    tol: float = 0.02,
+    stop_mode: str = "noise",
+    window: int | None = None,
+    history_size: int = 2,
+    output_tol: float = 0.5,
+    prior_slope: float = 3.0,
+    prior_variance: float = 0.5,
+    callback: Callback | None = None,
+) -> tuple[Tensor, SolverStats]:
+    """Solve the triangular fixed point z = f(z) by quasi-Newton sweeps, without autograd.
+
+    Args:
+        f: a step-form :class:`~deqir.deq.joint_map.ChainMap` (``eval_eps`` returns the new states;
+            ``linear_step``, ``slot_noise_std``).
+        z0: (B, S, C, H, W) initial chain; not modified.
+        max_iter: maximum rounds (None: S, always enough: the prefix grows by >= 1 slot per round).
+        tol: noise-scaled slot tolerance: a slot is unchanged when RMS(change) <= tol * sigma_j.
+        stop_mode: "noise" (the only mode: tolerances scale with each slot's noise level).
+        window: slots evaluated per round, from the frontier (None: all not-yet-converged slots).
+        history_size: secant pairs kept per slot (0: the Gaussian-prior linearisation alone).
+        output_tol: stop when the output slot's residual and change are below this many 8-bit levels.
+        prior_slope, prior_variance: the Gaussian image prior of the linearisation (deqir.deq.linearize).
+        callback: once per round with {"round", "abs_residual" (B,), "rel_residual" (B,), "nfe", "active",
+            "window" (lo, hi), "prefix" (B,), "last_slot" (B, C, H, W)}.
+
+    Returns:
+        ``(z, stats)``; ``stats.window_trace`` holds the (lo, hi) of every round.
+    """
+    check_state(z0)
+    B, S = z0.shape[0], z0.shape[1]
+    if getattr(f, "num_slots", None) != S or not hasattr(f, "linear_step"):
+        raise ValueError("quasi_newton needs a step-form ChainMap (linear_step, slot_noise_std) with "
+                         f"num_slots == {S}; set sampler.form=step")
+    if getattr(f, "form", "step") != "step":
+        raise ValueError("quasi_newton solves the map's step form: set sampler.form=step")
+    max_iter = S if max_iter is None else max_iter
+    if stop_mode != "noise":
+        raise ValueError(f"quasi_newton uses noise-scaled tolerances: stop_mode must be 'noise', got {stop_mode!r}")
+    check_common(max_iter, tol, "abs", callback)
+    window = S if window is None else window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
+    if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
+        raise ValueError(f"history_size must be an integer >= 0, got {history_size!r}")
+    if not (output_tol >= 0 and math.isfinite(output_tol)):
+        raise ValueError(f"output_tol must be a finite number >= 0 (8-bit levels), got {output_tol!r}")
+    prior = SpectralGaussianPrior(prior_slope, prior_variance)
+
+    with torch.no_grad():
+        dev = z0.device
+        z = z0.detach().clone()
+        sigma = f.slot_noise_std.to(device=dev, dtype=torch.float64)
+        slot_tol = torch.clamp(tol * sigma, min=output_tol * LEVEL)  # (S,) RMS per pixel
+        out_tol = output_tol * LEVEL
+        secants = _Secants(history_size)
+        prefix = torch.zeros(B, dtype=torch.long, device=dev)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        converged = torch.zeros(B, dtype=torch.bool, device=dev)
+        nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
+        image_rounds = torch.zeros(B, dtype=torch.long, device=dev)
+        last_res = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
+        last_round = torch.full((B,), -1, dtype=torch.long, device=dev)
+        traces: dict[str, list[Tensor]] = {"abs": [], "rel": [], "abs_slot": [], "rel_slot": []}
+        windows: list[tuple[int, int]] = []
+        nfe = rounds = 0
+        numel = z0[0, 0].numel()
+        while rounds < max_iter and bool(active.any()):
+            lo = int(prefix[active].min())
+            hi = min(S, lo + window)
+            # 1. the expensive part: new states of the window slots (inputs are slots lo-1 .. hi-2)
+            inputs = z[:, max(lo - 1, 0) : hi - 1]
+            new = f.eval_eps(z, lo, hi)
+            if not isinstance(new, Tensor) or new.shape != z[:, lo:hi].shape:
+                got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(f"eval_eps(z, {lo}, {hi}) must return {tuple(z[:, lo:hi].shape)}, got {got}")
+            new = new.to(z.dtype)
+            R = new - z[:, lo:hi]
+            # 2. the sweep D_j = R_j + M_j D_{j-1}; past the window R_j = 0 (linear fill-ahead)
+            secants.observe(lo, hi, inputs, new, lambda v, j: f.linear_step(v, j, prior))
+            D = torch.zeros_like(z[:, lo:])
+            for j in range(lo, S):
+                d = R[:, j - lo] if j < hi else torch.zeros_like(z[:, j])
+                if j > lo:
+                    d = d + f.linear_step(D[:, j - lo - 1], j, prior) + secants.correct(j, D[:, j - lo - 1])
+                D[:, j - lo] = d
+            finite = torch.isfinite(D.flatten(1)).all(dim=1)
+            nonfinite |= active & ~finite
+            write = active & finite
+            z[:, lo:] = torch.where(image_view(write, D), z[:, lo:] + D, z[:, lo:])
+            # 3. frontier: slot lo, then every next slot whose input moved less than its tolerance
+            rms = torch.linalg.vector_norm(D.flatten(2), dim=-1, dtype=torch.float64) / math.sqrt(numel)
+            small = (rms[:, : hi - lo - 1] <= slot_tol[lo : hi - 1])
+            run = torch.cumprod(small.long(), dim=1).sum(dim=1)
+            prefix = torch.where(write, torch.maximum(prefix, lo + 1 + run), prefix)
+            done = write & (prefix >= S)
+            if hi == S:  # the output slot was evaluated: stop when its change is invisible in 8 bits
+                r_out = R[:, -1].flatten(1).abs().amax(dim=1).double()
+                d_out = D[:, -1].flatten(1).abs().amax(dim=1).double()
+                calm = (rms <= slot_tol[lo:]).all(dim=1)  # and no slot moved more than its noise tolerance
+                done |= write & calm & (r_out <= out_tol) & (d_out <= out_tol)
+            # bookkeeping
+            res_abs = torch.linalg.vector_norm(R.flatten(1), dim=-1, dtype=torch.float64)
+            new_n = torch.linalg.vector_norm(new.flatten(1), dim=-1, dtype=torch.float64)
+            res_slot = torch.linalg.vector_norm(R.flatten(2), dim=-1, dtype=torch.float64)
+            new_slot = torch.linalg.vector_norm(new.flatten(2), dim=-1, dtype=torch.float64)
+            image_rounds += active.long()
+            last_res = torch.where(write, res_abs, last_res)
+            last_round = torch.where(write, torch.full_like(last_round, rounds), last_round)
+            nan_slots = torch.full((B, S), math.nan, dtype=torch.float64, device=dev)
+            for key, per_image, per_slot in (("abs", res_abs, res_slot),
+                                             ("rel", res_abs / (1e-5 + new_n), res_slot / (1e-5 + new_slot))):
+                traces[key].append(torch.where(active, per_image, math.nan))
+                row = nan_slots.clone()
+                row[:, lo:hi] = torch.where(active[:, None], per_slot, math.nan)
+                traces[key + "_slot"].append(row)
+            converged |= done
+            active = active & ~done & ~nonfinite
+            windows.append((lo, hi))
+            nfe += B * (hi - lo)
+            rounds += 1
+            if callback is not None:
+                callback({"round": rounds - 1, "abs_residual": res_abs, "rel_residual": res_abs / (1e-5 + new_n),
+                          "nfe": nfe, "active": active.clone(), "window": (lo, hi), "prefix": prefix.clone(),
+                          "last_slot": z[:, -1]})
+
+        image_status, status = overall_status(converged, nonfinite)
+        stats = SolverStats(
+            solver="quasi_newton", stop_mode="noise", tol=float(tol), rounds=rounds, nfe=nfe,
+            abs_trace=_stack(traces["abs"], (B,), dev), rel_trace=_stack(traces["rel"], (B,), dev),
+            abs_slot_trace=_stack(traces["abs_slot"], (B, S), dev), rel_slot_trace=_stack(traces["rel_slot"], (B, S), dev),
+            converged=converged, image_status=image_status, status=status, image_rounds=image_rounds,
+            best_residual=last_res, best_round=last_round,
+            fallback_trace=torch.zeros(rounds, B, dtype=torch.long, device=dev),
+            window_trace=torch.tensor(windows, dtype=torch.long, device=dev).view(rounds, 2),
+        )
+        return z, stats
+
+
+class _Secants:
+    """Per-slot multisecant pairs (input change of slot j-1, output change of Phi_j), the last m of them."""
+
+    def __init__(self, m: int):
+        self.m = m
+        self.last: dict[int, tuple[Tensor, Tensor]] = {}  # j -> (input x_{j-1}, output Phi_j) last evaluated
+        self.pairs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def observe(self, lo: int, hi: int, inputs: Tensor, outputs: Tensor, m0) -> None:
+        """Record the evaluations of slots lo..hi-1 (inputs: slots max(lo-1, 0)..hi-2); m0(v, j) = M0_j v.
+        Each pair is stored as (s, y - M0_j s), what the least-change correction needs."""
+        if self.m == 0:
+            return
+        first_input = max(lo - 1, 0)  # inputs[:, i] is slot first_input + i, read by slot first_input + i + 1
+        for j in range(max(lo, 1), hi):  # slot 0 reads the fixed x_T: no input change to learn from
+            x_in, out = inputs[:, j - 1 - first_input], outputs[:, j - lo]
+            if j in self.last:
+                px, po = self.last[j]
+                lst = self.pairs.setdefault(j, [])
+                s = x_in - px
+                lst.append((s, out - po - m0(s, j)))
+                del lst[: -self.m]
+            self.last[j] = (x_in.clone(), out.clone())
+
+    def correct(self, j: int, v: Tensor) -> Tensor | float:
+        """(Y - M0 S)(S^T S + reg)^{-1} S^T v for slot j (B, C, H, W); 0 without pairs."""
+        pairs = self.pairs.get(j)
+        if not pairs:
+            return 0.0
+        B = v.shape[0]
+        Sm = torch.stack([s for s, _ in pairs], 1).reshape(B, len(pairs), -1).double()
+        Y = torch.stack([y for _, y in pairs], 1).reshape(B, len(pairs), -1).double()
+        G = Sm @ Sm.transpose(1, 2)
+        n = G.shape[-1]
+        eye = torch.eye(n, dtype=torch.float64, device=v.device)
+        G = G + (1e-6 * G.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] + 1e-300) * eye
+        c = torch.linalg.solve(G, Sm @ v.reshape(B, -1, 1).double())
+        out = (Y.transpose(1, 2) @ c).reshape(v.shape).to(v.dtype)
+        return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+
+
+def _stack(rows: list[Tensor], shape: tuple[int, ...], dev) -> Tensor:
+    return torch.stack(rows) if rows else torch.empty((0, *shape), dtype=torch.float64, device=dev)
