@@ -28,16 +28,16 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, peak_memory, print_table, sync, write_json  # noqa: E402
-from deqir.datasets.photos import load_rgb  # noqa: E402
-from deqir.deq.sampler import sample_deq  # noqa: E402
-from deqir.diffusion.chain import make_chain  # noqa: E402
-from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid  # noqa: E402
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential  # noqa: E402
-from deqir.metrics.fidelity import psnr as _psnr  # noqa: E402
-from deqir.models.loading import load_eps_model, packaged_default_path  # noqa: E402
-from deqir.operators import make_operator  # noqa: E402
-from deqir.utils.runtime import tune_allocator  # noqa: E402
+from benchmarks.common import machine_info, peak_memory, print_table, sync, write_json
+from deqir.datasets.photos import load_rgb
+from deqir.deq.sampler import sample_deq
+from deqir.diffusion.chain import make_chain
+from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
+from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.metrics.fidelity import psnr as _psnr
+from deqir.models.loading import load_eps_model, packaged_default_path
+from deqir.operators import make_operator
+from deqir.utils.runtime import tune_allocator
 
 TASKS = {  # name -> (operator, params, sigma_y on [0, 1])
     "deblur": ("deblur_gauss", {}, 0.0),
@@ -100,7 +100,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def levels_apart(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest difference in 8-bit levels between two [-1, 1] batches after saving them as 8-bit images."""
-    q = lambda v: torch.round((v.clamp(-1, 1) + 1) * 127.5)  # noqa: E731
+    q = lambda v: torch.round((v.clamp(-1, 1) + 1) * 127.5)
     return int((q(a) - q(b)).abs().max())
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import print_table, write_json  # noqa: E402
+from benchmarks.common import print_table, write_json
 
 
 def cost_at(grid: dict[int, float], batch: int) -> float | None:

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from test_deq_sampler import MODEL, problem, rel
+from tiny_models import TinyEps
 
 from deqir.deq.joint_map import ChainMap
 from deqir.deq.linearize import SpectralGaussianPrior
@@ -12,8 +14,6 @@ from deqir.deq.sampler import sample_deq
 from deqir.deq.solvers import quasi_newton
 from deqir.diffusion.sequential import sample_sequential
 from deqir.lit.autotune import choose_schedule, measure_batch_costs
-from test_deq_sampler import MODEL, TASKS, problem, rel
-from tiny_models import TinyEps
 
 SCORE_MODEL = TinyEps(seed=3, scale=0.2)
 
@@ -34,7 +34,7 @@ def test_exact_tolerance_gives_the_sequential_chain(task, window, history):
     """With tol = 0 and output_tol = 0 the solver can only stop once the prefix covers the chain: the result
     is the sequential chain (float64), for every window and secant history."""
     T = 12
-    res, x0_seq, traj = _solve(MODEL, T, task, sigma_y=0.1 if task == "denoise" else 0.0, window=window,
+    res, _, traj = _solve(MODEL, T, task, sigma_y=0.1 if task == "denoise" else 0.0, window=window,
                                history_size=history, output_tol=0.0, tol=0.0)
     assert res.stats.status == "converged"
     assert (res.states - traj).abs().max() < 1e-9

@@ -33,7 +33,7 @@ class AutoChoice:
     reason: str = ""
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AutoChoice":
+    def from_dict(cls, d: dict) -> AutoChoice:
         """Inverse of :meth:`as_dict` (a resumed run reuses its first choice, so its results cannot change)."""
         return cls(str(d["schedule"]), d.get("window"), d.get("max_batch"), int(d["knee"]),
                    {int(k): float(v) for k, v in (d.get("batch_cost_s") or {}).items()}, str(d.get("reason", "")))

@@ -40,7 +40,7 @@ from deqir.deq.linearize import SpectralGaussianPrior
 from deqir.deq.solvers._common import Callback, check_common, check_state, image_view
 from deqir.deq.solvers.stats import SolverStats, overall_status
 
-__all__ = ["quasi_newton", "LEVEL"]
+__all__ = ["LEVEL", "quasi_newton"]
 
 #: One 8-bit level on the chain's [-1, 1] scale.
 LEVEL = 2.0 / 255.0
