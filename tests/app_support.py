@@ -16,8 +16,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 #: A seconds-long configuration: random tiny UNet, 32 px, T = 4, two sample images, no perceptual metrics.
+#: The solver is pinned: the default solver=auto times the machine, and these tests compare runs with each other.
 TINY = ["model=tiny_ddpm", "model_dtype=model", "trainer=cpu", "logger=none", "eval=fast", "dataset.size=32",
-        "dataset.limit=2", "sampler.timesteps=4", "solver.max_iter=4"]
+        "dataset.limit=2", "sampler.timesteps=4", "solver=anderson", "solver.max_iter=4"]
 
 
 def compose_cfg(overrides: list[str], run_dir: Path | None = None) -> DictConfig:

@@ -61,6 +61,8 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
         module.auto_choice = AutoChoice.from_dict(json.loads(choice_file.read_text()))
     elif hasattr(module, "auto_choice") and rank_zero_only.rank == 0:  # kept as soon as it is made (kill -9 safe)
         module.on_auto_choice = lambda c: choice_file.write_text(json.dumps(c.as_dict(), indent=2))
+    if hasattr(module, "auto_batch_images"):
+        module.auto_batch_images = int(plain.get("batch_size", 1))
 
     store.prepare(dataset.paths, batch_size=int(plain.get("batch_size", 1)))  # inputs outside the run dir, hashes
     if rank_zero_only.rank == 0:

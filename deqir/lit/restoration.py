@@ -161,6 +161,7 @@ class RestorationModule(pl.LightningModule):
         self._evaluator: Callable[[Tensor, Tensor], Tensor] | None = None
         self.auto_choice = None  # solver=auto: deqir.lit.autotune.AutoChoice, set on the first batch
         self.on_auto_choice: Callable | None = None  # called once with it (the app keeps it in the run directory)
+        self.auto_batch_images = 1  # images per batch, for solver=auto's slots-per-round (the app sets batch_size)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_predict_start(self) -> None:
@@ -169,6 +170,7 @@ class RestorationModule(pl.LightningModule):
             self._evaluator = TimestepParallelEvaluator(self.model, self.chain.max_batch)
         else:
             self._evaluator = lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch)
+        self.prepare_auto()
         if self.suite is None:
             self.suite = MetricSuite(crop_border=ev.crop_border, channel=ev.channel, lpips_net=ev.lpips_net,
                                      lpips_weights=ev.lpips_weights, device=self.device)
@@ -252,6 +254,31 @@ class RestorationModule(pl.LightningModule):
             round_x0=round_x0 if record else None,
         )
 
+    def prepare_auto(self, batch_images: int | None = None) -> None:
+        """``solver=auto``: time batched model calls once (rank 0) and share the choice with every rank, so all
+        ranks run the same schedule. Uses the operator's image shape; ``auto_batch_images`` images per batch."""
+        ch = self.chain
+        if ch.sampler != "deq" or ch.solver != "auto" or self.auto_choice is not None:
+            return
+        from deqir.lit.autotune import choose_schedule, measure_batch_costs
+
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        knee_factor = float(ch.solver_options.get("knee_factor", 1.5))
+        T, B = len(self.coeffs), int(batch_images or self.auto_batch_images)
+        choice = None
+        if not dist or torch.distributed.get_rank() == 0:
+            x = torch.randn(1, *self.operator.image_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+            costs = measure_batch_costs(lambda x, t: self.model(x, t), x, int(self.coeffs.t[0]), max_size=B * T,
+                                        knee_factor=knee_factor)
+            choice = choose_schedule(costs, T, B, knee_factor)
+        if dist:
+            box = [choice]
+            torch.distributed.broadcast_object_list(box, src=0)
+            choice = box[0]
+        self.auto_choice = choice
+        if self.on_auto_choice is not None:
+            self.on_auto_choice(choice)
+
     def resolve_auto(self, problem: Problem) -> ChainSettings:
         """The settings to run: ``solver=auto`` is resolved once, on the first batch, by measuring the cost of
         batched model calls on this device and image size (:mod:`deqir.lit.autotune`); ``auto_choice`` keeps
@@ -259,17 +286,8 @@ class RestorationModule(pl.LightningModule):
         ch = self.chain
         if ch.sampler != "deq" or ch.solver != "auto":
             return ch
-        if self.auto_choice is None:
-            from deqir.lit.autotune import choose_schedule, measure_batch_costs
-
-            opts = ch.solver_options
-            knee_factor = float(opts.get("knee_factor", 1.5))
-            T, B = len(self.coeffs), problem.x_T.shape[0]
-            costs = measure_batch_costs(lambda x, t: self.model(x, t), problem.x_T[:1], int(self.coeffs.t[0]),
-                                        max_size=B * T, knee_factor=knee_factor)
-            self.auto_choice = choose_schedule(costs, T, B, knee_factor)
-            if self.on_auto_choice is not None:
-                self.on_auto_choice(self.auto_choice)
+        if self.auto_choice is None:  # outside a Lightning run (e.g. the Python API): measure now
+            self.prepare_auto(problem.x_T.shape[0])
         c = self.auto_choice
         opts = {k: v for k, v in ch.solver_options.items() if k != "knee_factor"}
         if c.schedule == "sequential":
