@@ -130,12 +130,7 @@ def quasi_newton(
             R = new - z[:, lo:hi]
             # 2. the sweep D_j = R_j + M_j D_{j-1}; past the window R_j = 0 (linear fill-ahead)
             secants.observe(lo, hi, inputs, new, lambda v, j: f.linear_step(v, j, prior))
-            D = torch.zeros_like(z[:, lo:])
-            for j in range(lo, S):
-                d = R[:, j - lo] if j < hi else torch.zeros_like(z[:, j])
-                if j > lo:
-                    d = d + f.linear_step(D[:, j - lo - 1], j, prior) + secants.correct(j, D[:, j - lo - 1])
-                D[:, j - lo] = d
+            D = _sweep(f, prior, secants, R, lo, S)
             finite = torch.isfinite(D.flatten(1)).all(dim=1)
             nonfinite |= active & ~finite
             write = active & finite
@@ -187,6 +182,20 @@ def quasi_newton(
             window_trace=torch.tensor(windows, dtype=torch.long, device=dev).view(rounds, 2),
         )
         return z, stats
+
+
+def _sweep(f, prior, secants: "_Secants", R: Tensor, lo: int, S: int) -> Tensor:
+    """D_lo = R_lo, D_j = R_j + M_j D_{j-1} for j = lo+1 .. S-1 (R_j = 0 past the evaluated window).
+
+    R: (B, hi - lo, C, H, W) residuals of the evaluated slots. Returns D (B, S - lo, C, H, W)."""
+    D = R.new_zeros((R.shape[0], S - lo, *R.shape[2:]))
+    for j in range(lo, S):
+        d = R[:, j - lo] if j - lo < R.shape[1] else torch.zeros_like(R[:, 0])
+        if j > lo:
+            prev = D[:, j - lo - 1]
+            d = d + f.linear_step(prev, j, prior) + secants.correct(j, prev)
+        D[:, j - lo] = d
+    return D
 
 
 class _Secants:
