@@ -1,4 +1,4 @@
-"""The defining invariants of the DEQ sampler: its fixed point is the sequential chain (issue 4 §4)."""
+"""The defining invariants of the DEQ sampler: its fixed point is the sequential chain (docs/solvers.md)."""
 from __future__ import annotations
 
 import math
@@ -66,7 +66,7 @@ def test_picard_T_rounds_is_the_sequential_chain(task):
     assert (res.states - traj).abs().max() < 1e-6
     assert rel(res.x0, x0_seq) < 1e-9
     if op is not None and task != "compose" or (task == "compose"):
-        # noiseless tasks: measurement consistency holds by construction (deqir-spec §3)
+        # noiseless tasks: measurement consistency holds by construction (docs/solvers.md)
         assert (op.A(res.x0) - y).abs().max() < 1e-5
 
 

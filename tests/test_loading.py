@@ -1,4 +1,4 @@
-"""Checkpoint loading: containers, strictness, clear errors, Hydra model configs, diffusers (issue 2 §3-§4)."""
+"""Checkpoint loading: containers, strictness, clear errors, Hydra model configs, diffusers (docs/models.md)."""
 from __future__ import annotations
 
 import json

@@ -94,7 +94,7 @@ def test_separable_file_kernel_zero_boundary(tmp_path):
 
 # ------------------------------------------------------------------------------------------ legacy quirk
 def dense_official_deblur(k_h: np.ndarray, k_w: np.ndarray, c: int, h: int, w: int, zero: float) -> np.ndarray:
-    """The official ``Deblurring2D`` as one dense (D, D) matrix, rebuilt from its description (spec 7.3)."""
+    """The official ``Deblurring2D`` as one dense (D, D) matrix, rebuilt from its description (docs/operators.md)."""
     def band(k, n):  # taps j in [i - k//2, i + k//2): the last tap is dropped
         a = np.zeros((n, n))
         half = len(k) // 2
@@ -146,7 +146,7 @@ def test_legacy_single_channel_is_the_dropped_tap_blur():
 
 
 def test_legacy_differs_from_true_blur_by_the_documented_amount():
-    """docs/operators.md: spec 7.3's 16 x 16 random check, and a natural-looking 64 x 64 image."""
+    """docs/operators.md: the official operator's 16 x 16 random check, and a natural-looking 64 x 64 image."""
     x = rand((1, 3, 16, 16))
     leg = make_operator("deblur_gauss", (3, 16, 16), legacy_svd=True, zero_threshold=0.0)
     k = leg.kernel.clone()

@@ -24,7 +24,7 @@ Modes (``DEQGradientConfig.mode``):
   2021; torchdeq's phantom gradient; the official DeqIR inversion uses k = 1, tau = 0.1). With k = 1 the
   gradient reaching x_T is tau (dF/dx_T)^T dL/dz: the explicit term plus slot 0's model Jacobian;
   ``phantom_analytic=True`` drops the latter, giving the official code's Jacobian-free form
-  dL/dx_T = tau sqrt(a'_j / a_0) N dL/dX_j (deqir-spec §5, §10.10).
+  dL/dx_T = tau sqrt(a'_j / a_0) N dL/dX_j (docs/gradients.md).
 * ``"unroll"`` -- backpropagation through ``unroll_rounds`` Picard rounds z <- F(z) from the detached
   equilibrium. Exact after T rounds (F composed T times does not depend on its starting point).
 

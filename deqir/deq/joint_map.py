@@ -1,9 +1,9 @@
-"""The joint fixed-point map of the whole T-step restoration chain (deqir-spec §3, generalised).
+"""The joint fixed-point map of the whole T-step restoration chain (DeqIR, Cao et al. 2024, Sec. 3, generalised; docs/solvers.md).
 
 State X (B, T, C, H, W): X[:, j] is the output of step j (the state at time t'_j; X[:, T-1] is x0).
 One evaluation runs the eps-model once on all B*T slots (micro-batched by ``max_batch``): slot j reads
 x_T for j = 0 and X[:, j-1] otherwise. The explicit part is rebuilt from x_T, A^+ y, the noise and the
-eps predictions, never from X (spec §3: "the null-space content of X is used only through the UNet").
+eps predictions, never from X (as the official sampler: "the null-space content of X is used only through the UNet").
 
 Unrolling the chain of :mod:`deqir.diffusion.chain` with the range projector P = A^+A and N = I - P:
 
@@ -22,7 +22,7 @@ product W^P[j, i] = prod_{k=i+1..j} r_k (1 - lam_k), applied as a (T x T) matrix
 
 Two forms of the same fixed point (``form=``):
 
-* ``cumsum`` (the paper's, spec §3): the explicit part is rebuilt from x_T and all eps predictions. Its
+* ``cumsum`` (the paper's, Sec. 3): the explicit part is rebuilt from x_T and all eps predictions. Its
   per-round Jacobian holds the chain's large early-step weights sqrt(a'_j / a'_i) g_i that only cancel at
   the fixed point; it converges well for the deterministic chain (etw ~ 0, nw = 0) and badly for the
   stochastic one (measured: diverges with etw = nw = 1).

@@ -1,4 +1,4 @@
-"""DeqIR parallel sampling: solve the whole chain as one fixed point X = F(X) (deqir-spec §3-§4, §6)."""
+"""DeqIR parallel sampling: solve the whole chain as one fixed point X = F(X) (DeqIR, Cao et al. 2024; docs/solvers.md)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,4 +1,4 @@
-"""Per-step coefficients of the DDIM/DDNM restoration chain that DeqIR solves (deqir-spec §2, §3).
+"""Per-step coefficients of the DDIM/DDNM restoration chain that DeqIR solves (DDIM eq. 12, DDNM eq. 13; docs/solvers.md).
 
 Step j (noisy -> clean), input state x_j (x_0 := x_T), eps_j = eps_theta(x_j, t_j):
 

@@ -1,6 +1,6 @@
 """Sequential reference sampler: DDIM with the (etw, nw) split plus DDNM range/null-space rectification.
 
-This is the chain whose joint fixed point the DEQ sampler solves (deqir-spec §2); it is the ground truth
+This is the chain whose joint fixed point the DEQ sampler solves (docs/solvers.md); it is the ground truth
 for every DEQ test. Randomness comes in as tensors (``x_T``, ``z``) drawn by :func:`draw_chain_noise`
 from per-image generators, so results never depend on the batch composition.
 """

@@ -150,7 +150,7 @@ class LegacySVDDeblur(SeparableOperator):
 
     def __init__(self, image_shape, k_h: Tensor, k_w: Tensor, zero_threshold: float = 3e-2) -> None:
         _, h, w = _shape(image_shape)
-        # Quirk 1 (spec 7.3): dropped last tap.
+        # Quirk 1 (docs/operators.md, legacy_svd): dropped last tap.
         super().__init__(image_shape, band_matrix(k_h, h, drop_last_tap=True),
                          band_matrix(k_w, w, drop_last_tap=True), zero_threshold)
         self.register_buffer("kernel", torch.outer(k_h.double(), k_w.double()))
@@ -193,7 +193,7 @@ class LegacySVDDeblur(SeparableOperator):
         return self._image(s, self.u_h, self.u_w)
 
     def singulars(self) -> Tensor:
-        # Quirk 2 (spec 7.3): tiled (repeat), although the coordinates are channel-interleaved.
+        # Quirk 2 (docs/operators.md, legacy_svd): tiled (repeat), although the coordinates are channel-interleaved.
         return self._sorted.repeat(self.image_shape[0])
 
     # The applied operator is U diag(tiled s) V^T, not the band-matrix sandwich: with the singular values

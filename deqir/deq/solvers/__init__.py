@@ -1,4 +1,4 @@
-"""Generic fixed-point solvers for z = f(z) with state z of shape (B, S, *rest) (issue 4 §3).
+"""Generic fixed-point solvers for z = f(z) with state z of shape (B, S, *rest) (docs/solvers.md).
 
 B independent problems (images), S slots (the T timesteps of the chain). One contract:
 

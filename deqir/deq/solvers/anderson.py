@@ -1,6 +1,6 @@
 """Type-II Anderson acceleration (Walker & Ni 2011, "Anderson acceleration for fixed-point iterations").
 
-Iteration structure of the official DeqIR / DEQ-DDIM sampler (deqir-spec §4), with history size m,
+Iteration structure of the official DeqIR / DEQ-DDIM sampler (docs/solvers.md), with history size m,
 regularisation lam and damping beta:
 
     X^(0) = z0,  F^(0) = f(X^(0))
@@ -129,7 +129,7 @@ def anderson(
     """Solve z = f(z) by type-II Anderson acceleration, per image, without autograd.
 
     Defaults are the official DeqIR sampler's values (m = 5, lam = 1e-3, beta = 1, 15 evaluations,
-    relative tolerance 1e-3; deqir-spec §4), except that the best iterate is kept and f of it returned.
+    relative tolerance 1e-3; docs/solvers.md), except that the best iterate is kept and f of it returned.
 
     Args:
         f: the map, (B, S, *rest) -> (B, S, *rest), same dtype.
@@ -180,7 +180,7 @@ def anderson(
             "anderson", z0, tol=tol, stop_mode=stop_mode, return_value=return_value, select=select,
             callback=callback,
         )
-        # Ring buffers of the last m iterates and their images (slot k mod m), as in spec §4.
+        # Ring buffers of the last m iterates and their images (slot k mod m), as in the official sampler.
         X_hist = z0.new_zeros(P, m, D)
         F_hist = z0.new_zeros(P, m, D)
         x = z0.detach()

@@ -1,7 +1,7 @@
 """Picard (plain fixed-point) iteration: z <- beta f(z) + (1 - beta) z.
 
 For a map with strictly lower-triangular slot dependence (slot j reads only slots < j, as the DeqIR
-joint map of deqir-spec §3), undamped Picard is exact after S evaluations: evaluation k makes slot k-1
+joint map, docs/solvers.md), undamped Picard is exact after S evaluations: evaluation k makes slot k-1
 exact, so f(z) after S evaluations is the sequential chain. With ``return_value="f"`` (the default)
 ``max_iter=S`` therefore returns the exact chain.
 

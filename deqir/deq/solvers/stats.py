@@ -1,7 +1,7 @@
 """Solver statistics as a value (torchdeq's ``SolverStat`` idea, as a typed dataclass).
 
 Every solver returns ``(z, stats)``; callers decide what to log. One *round* is one evaluation of the map
-(for the sliding window: one evaluation of the current window). Residuals follow deqir-spec §4:
+(for the sliding window: one evaluation of the current window). Residuals (the official sampler's definition, docs/solvers.md):
 
     abs = ||f(z) - z||_2,        rel = abs / (1e-5 + ||f(z)||_2)
 
