@@ -10,6 +10,7 @@ sequential), the DEQ's rounds and work (model evaluations per image, VJPs counte
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,9 @@ def restore_with_chain(model, task: str, x: torch.Tensor, T: int, overrides: lis
     B = x.shape[0]
     op, sigma_y, cfg = task_operator(task, tuple(x.shape[1:]), [*overrides, f"sampler.timesteps={T}"])
     st = chain_settings(cfg["sampler"], cfg["solver"], cfg.get("chain"))
+    if st.solver == "auto":  # the app's default: quasi_newton on all slots here (the schedule does not change quality)
+        st = replace(st, solver="quasi_newton", form="step",
+                     solver_options={k: v for k, v in st.solver_options.items() if k != "knee_factor"})
     op = op.to(device=device, dtype=torch.float32)
     y = torch.cat([op.measure(x[b : b + 1], sigma_y, torch.Generator().manual_seed(100 + b)) for b in range(B)])
     gain = op.pinv_noise_gain() if sigma_y > 0 else 1.0
@@ -149,7 +153,7 @@ def main(argv=None) -> None:
     tune_allocator()
     rows, note = run(args)
     print(f"\nmodel: {note}; {args.images} sample images at {args.size}^2, T={args.T}; chain and solver: "
-          f"invert.py's composed config (sampler/deq, solver/anderson, the task's presets) "
+          f"invert.py's composed config (sampler/deq, solver/auto as quasi_newton on all slots, the task's presets) "
           f"(overrides: etw={args.etw}, nw={args.nw}, {' '.join(args.override or [])})")
     cols = [("chain", "chain", ""), ("task", "task", ""), ("etw", "η", ".1f"), ("solver", "solver", "")]
     for k, h in (("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS")):

@@ -24,7 +24,7 @@ def test_quality_benchmark_composes_task_presets(tmp_path):
     data = run_bench("quality.py", ["--tasks", "deblur", "colorize", "--size", "32", "--images", "1", "--T", "4"],
                      tmp_path / "q.json")
     rows = {r["task"]: r for r in data["rows"]}
-    assert rows["deblur"]["solver"] == "anderson" and rows["deblur"]["clip_x0"] is False
+    assert rows["deblur"]["solver"] == "quasi_newton" and rows["deblur"]["clip_x0"] is False  # solver=auto's
     assert rows["colorize"]["solver"] == "picard" and rows["colorize"]["clip_x0"] is True  # the task's preset
     assert rows["colorize"]["psnr_deq_seq"] > 60  # Picard is exact after T rounds
     for r in rows.values():
@@ -42,7 +42,7 @@ def test_deq_vs_sequential_benchmark_windows(tmp_path):
     assert rows["picard"]["psnr_seq"] > 60 and rows["picard"]["work"] == pytest.approx(rows["picard"]["rounds"])
     assert rows["sliding_window(w=2)"]["work"] < rows["picard"]["work"]
     qn = rows["quasi_newton(w=4)"]
-    assert qn["rounds"] <= 4 and qn["work"] <= qn["rounds"] and qn["rounds_8bit"] is not None
+    assert qn["rounds"] <= 4 and qn["work"] <= qn["rounds"] and "rounds_8bit" in qn and len(qn["curve"]) >= 1
     assert data["pareto"]  # the rounds-vs-work front is written
 
 
