@@ -137,7 +137,9 @@ def chain_settings(sampler_cfg: dict[str, Any], solver_cfg: dict[str, Any],
         solver_options=options, init=str(sampler_cfg["init"]),
         coarse_steps=int(sampler_cfg["coarse_steps"]), max_batch=sampler_cfg["max_batch"],
         per_step_noise=bool(sampler_cfg["per_step_noise"]) or chain_name != "ddnm",
-        form=str(sampler_cfg["form"]) if chain_name == "ddnm" else "step", clip_x0=bool(sampler_cfg["clip_x0"]),
+        # chains other than ddnm, and quasi_newton (auto), solve the step form: the same chain and fixed point
+        form=str(sampler_cfg["form"]) if chain_name == "ddnm" and name not in ("quasi_newton", "auto") else "step",
+        clip_x0=bool(sampler_cfg["clip_x0"]),
         chain=chain_name, chain_params=params,
     )
 
