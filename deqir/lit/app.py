@@ -22,6 +22,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from deqir.lit import builders, report, sizing
+from deqir.datasets.generation import GeneratedIndices
 from deqir.lit.autotune import AutoChoice
 from deqir.lit.datamodule import RestorationDataModule
 from deqir.lit.instantiate import build_callbacks, instantiate_strict
@@ -29,6 +30,7 @@ from deqir.lit.live_log import PerImageLogger
 from deqir.lit.optimization import InitOptimizationModule, InversionModule
 from deqir.lit.progress import ImageProgressBar
 from deqir.lit.restoration import RestorationError, RestorationModule
+from deqir.lit.samples import check_num_samples
 from deqir.lit.writer import RestorationWriter, RunStore
 from deqir.metrics import MetricUnavailableWarning
 from deqir.utils.runtime import tune_allocator
@@ -54,6 +56,10 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
 
     task = plain["task"]
     dataset, op, model, shape = _data_and_model(plain)
+    reference = None
+    if _generating(plain):  # the dataset's images are only FID's reference set (and dataset.size=null's size)
+        reference, dataset = dataset, GeneratedIndices(task.get("num_images"))
+    store.num_samples = int(plain.get("num_samples", 1))
     timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
     module = build_module(plain, op, model, shape, timestep_parallel=timestep_parallel)
     choice_file = run_dir / "solver_choice.json"  # solver=auto: a resumed run reuses its first measurement
@@ -62,7 +68,7 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     elif hasattr(module, "auto_choice") and rank_zero_only.rank == 0:  # kept as soon as it is made (kill -9 safe)
         module.on_auto_choice = lambda c: choice_file.write_text(json.dumps(c.as_dict(), indent=2))
     if hasattr(module, "auto_batch_images"):
-        module.auto_batch_images = int(plain.get("batch_size", 1))
+        module.auto_batch_images = int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
 
     store.prepare(dataset.paths, batch_size=int(plain.get("batch_size", 1)))  # inputs outside the run dir, hashes
     if rank_zero_only.rank == 0:
@@ -87,7 +93,7 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
             return None
     elif rank_zero_only.rank != 0:
         return None
-    return finalize(plain, store, writer, trainer, task_label, dataset.names)
+    return finalize(plain, store, writer, trainer, task_label, dataset.names, reference=reference)
 
 
 def _data_and_model(plain: dict[str, Any]):
@@ -110,6 +116,8 @@ def _data_and_model(plain: dict[str, Any]):
     else:
         note = sizing.resize_note(dataset.paths, shape, bool(data.get("crop", True))) \
             if data.get("name") != "real" else None
+    if _generating(plain):
+        note = f"note: generating {task.get('num_images')} images at {shape[1]}x{shape[2]} (dataset.size)"
     if note and rank_zero_only.rank == 0:
         print(note, flush=True)
         RUN_LOG.info(note)
@@ -124,6 +132,10 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     mode = str(plain["mode"])
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    check_num_samples(plain.get("num_samples", 1), mode, str(plain["task"]["name"]))
+    if _generating(plain) and mode != "restore":
+        raise ValueError(f"task=generate has no measurement to optimise x_T against: use mode=restore "
+                         f"(got mode={mode})")
     if mode != "restore" and bool(plain["trainer"].get("inference_mode", False)):
         raise ValueError(f"mode={mode} optimises through the sampler and needs gradients: set "
                          f"trainer.inference_mode=false (Lightning's inference mode disables autograd)")
@@ -140,11 +152,12 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
     builders.check_size(shape, model)
     sigma_y = float(task["sigma_y"])
     coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
+    has_target = plain["dataset"].get("name") != "real" and not _generating(plain)
     return MODES[mode](
         model, op, coeffs, sigma_y=sigma_y, seed=int(plain["seed"]),
         chain=builders.chain_settings(sampler, plain["solver"], plain.get("chain")),
-        evaluation=builders.eval_settings(plain["eval"], task, has_target=plain["dataset"].get("name") != "real"),
-        timestep_parallel=timestep_parallel,
+        evaluation=builders.eval_settings(plain["eval"], task, has_target=has_target),
+        timestep_parallel=timestep_parallel, num_samples=int(plain.get("num_samples", 1)),
         **builders.optimization_kwargs(mode, plain, shape),
     )
 
@@ -161,8 +174,9 @@ def invert_sampler(sampler: dict[str, Any], optimize: dict[str, Any]) -> dict[st
 
 
 def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, trainer: pl.Trainer | None,
-             task_label: str, names: list[str]) -> dict[str, Any]:
-    """Rank 0: merge rows (this run's, gathered across ranks, and earlier runs' from disk), write the reports."""
+             task_label: str, names: list[str], reference=None) -> dict[str, Any]:
+    """Rank 0: merge rows (this run's, gathered across ranks, and earlier runs' from disk), write the reports.
+    ``reference``: task=generate's reference images (the dataset), FID's real side."""
     merged = {int(r["index"]): r for r in store.load_records()}
     merged.update({int(r["index"]): r for r in writer.gathered})
     records = [merged[k] for k in sorted(merged) if k < len(names) and merged[k]["name"] == names[k]]
@@ -170,7 +184,11 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
     summary = report.summarize(records)
     ev = plain["eval"]
     fid = None
-    if ev.get("fid") and plain["dataset"].get("name") != "real":
+    if ev.get("fid") and reference is not None:
+        fid = report.fid_generated(store, records, reference, ev.get("fid_weights"), device=_device(trainer))
+        if fid is not None:
+            summary["fid"] = fid
+    elif ev.get("fid") and plain["dataset"].get("name") != "real":
         fid = report.fid_from_files(store, records, ev.get("fid_weights"), device=_device(trainer))
         if fid is not None:
             summary["fid"] = fid
@@ -178,6 +196,8 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
     operator = str(plain["task"]["name"])
     if _unconditional(plain):
         operator = "none (unconditional inversion)"
+    elif _generating(plain):
+        operator = "none (unconditional generation)"
     deq = sampler != "sequential"
     summary.update(task=task_label, operator=operator, sampler=sampler,
                    solver=str(plain["solver"]["name"]) if deq else None,
@@ -259,7 +279,8 @@ def log_results(logger, store: RunStore, records: list[dict[str, Any]], summary:
             path = folder / f"{name}.png"
             return wandb.Image(str(path)) if path.is_file() else None
 
-        data = [[r.get(c) for c in cols] + [image(store.inputs, r["name"]), image(store.images, r["name"]),
+        restored = store.images if store.num_samples == 1 else store.mean  # K > 1: the samples' mean
+        data = [[r.get(c) for c in cols] + [image(store.inputs, r["name"]), image(restored, r["name"]),
                                             image(store.targets, r["name"])] for r in records]
         logger.log_table(key="per_image", columns=[*cols, "input", "restored", "target"], data=data)
         if convergence is not None:
@@ -277,6 +298,11 @@ def _progress_bar(store: RunStore, todo: list[int], desc: str) -> ImageProgressB
 
     before = records()
     return ImageProgressBar(lambda rank, world: len(todo), desc=desc, done=lambda: records() - before)
+
+
+def _generating(plain: dict[str, Any]) -> bool:
+    """task=generate: unconditional generation (nothing measured, no ground truth)."""
+    return str(plain["task"]["name"]) == "generate"
 
 
 def _unconditional(plain: dict[str, Any]) -> bool:

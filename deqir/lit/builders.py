@@ -204,6 +204,10 @@ def signature(plain: dict[str, Any]) -> dict[str, Any]:
         sig["eval"] = {k: v for k, v in sig["eval"].items() if k not in ("fid", "fid_weights")}
     if (plain.get("chain") or {}).get("name", "ddnm") != "ddnm":
         sig["chain"] = plain["chain"]  # (ddnm runs keep the signature they had before chain/ existed)
+    if isinstance(sig.get("task"), dict):  # task=generate: more images extend a run
+        sig["task"] = {k: v for k, v in sig["task"].items() if k != "num_images"}
+    if int(plain.get("num_samples", 1)) != 1:
+        sig["num_samples"] = int(plain["num_samples"])
     return sig
 
 

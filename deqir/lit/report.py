@@ -15,7 +15,8 @@ from deqir.lit.writer import RunStore, _json_safe, write_text
 from deqir.utils.images import atomic_write_bytes
 
 MEAN_COLUMNS = ("psnr", "ssim", "lpips", "cons", "consistency", "rounds", "nfe", "residual", "seconds",
-                "psnr_to_sequential", "psnr_init", "loss_init", "loss_best", "best_step")
+                "psnr_to_sequential", "psnr_init", "loss_init", "loss_best", "best_step",
+                "psnr_of_mean", "ssim_of_mean", "lpips_of_mean", "diversity_lpips", "sample_std")
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -40,16 +41,25 @@ def _load(path: Path) -> torch.Tensor | None:
     return to_tensor(read_image(path)) if path.is_file() else None
 
 
-def write_grid(store: RunStore, records: Sequence[dict[str, Any]], max_images: int = 8) -> Path | None:
+def write_grid(store: RunStore, records: Sequence[dict[str, Any]], max_images: int = 8,
+               max_samples: int = 4) -> Path | None:
     """grid.png: labelled rows input / restored / ground truth (when present), one column per image, with each
-    image's name and PSNR (``torchvision.utils.make_grid`` for the tiles, matplotlib for the labels)."""
+    image's name and PSNR (``torchvision.utils.make_grid`` for the tiles, matplotlib for the labels). With
+    ``num_samples`` K > 1 the restored row becomes up to ``max_samples`` sample rows, the mean and the std map."""
     from torchvision.utils import make_grid
 
     recs = list(records)[:max_images]
     if not recs:
         return None
-    folders = (("input", store.inputs), ("restored", store.images), ("ground truth", store.targets))
-    rows = [(label, [_load(folder / f"{r['name']}.png") for r in recs]) for label, folder in folders]
+    K = store.num_samples
+    if K == 1:
+        restored = [("restored", lambda n: store.images / f"{n}.png")]
+    else:
+        restored = [(f"sample {k}", lambda n, k=k: store.images / f"{n}_{k}.png") for k in range(min(K, max_samples))]
+        restored += [(f"mean of {K}", lambda n: store.mean / f"{n}.png"), ("std x4", lambda n: store.std / f"{n}.png")]
+    where = [("input", lambda n: store.inputs / f"{n}.png"), *restored,
+             ("ground truth", lambda n: store.targets / f"{n}.png")]
+    rows = [(label, [_load(path(r["name"])) for r in recs]) for label, path in where]
     ref = rows[1][1][0]
     if ref is None:
         return None
@@ -88,6 +98,25 @@ def fid_from_files(store: RunStore, records: Sequence[dict[str, Any]], weights: 
     for i in range(0, len(pairs), chunk):
         part = pairs[i : i + chunk]
         metric.update(torch.stack([_load(a) for a, _ in part]), torch.stack([_load(b) for _, b in part]))
+    return metric.compute()
+
+
+def fid_generated(store: RunStore, records: Sequence[dict[str, Any]], reference, weights: str | None,
+                  device: str | torch.device = "cpu", chunk: int = 16) -> float | None:
+    """task=generate: FID between the generated images and the ``reference`` dataset's images (items with an
+    ``image`` (3, H, W) on [0, 1]); None when unavailable or either side has fewer than 2 images."""
+    from deqir.metrics import FIDMetric
+
+    fakes = [p for p in (store.images / f"{r['name']}.png" for r in records) if p.is_file()]
+    if len(fakes) < 2 or len(reference) < 2:
+        return None
+    metric = FIDMetric.create(weights, device=device)
+    if metric is None:
+        return None
+    for i in range(0, len(fakes), chunk):
+        metric.update(torch.stack([_load(p) for p in fakes[i : i + chunk]]), None)
+    for i in range(0, len(reference), chunk):
+        metric.update(None, torch.stack([reference[j]["image"] for j in range(i, min(len(reference), i + chunk))]))
     return metric.compute()
 
 
@@ -146,7 +175,9 @@ def write_convergence(store: RunStore, records: Sequence[dict[str, Any]], stop_m
 def summary_line(task: str, sampler: str, summary: dict[str, Any], run_dir: Path, fid: float | None = None) -> str:
     """One clean line: task, images, mean metrics, cost and where the outputs are."""
     parts = [f"{task} [{sampler}]", f"{summary['n_images']} images"]
-    for key, fmt in (("psnr_init", "PSNR before optimisation {:.2f} dB"), ("psnr", "PSNR {:.2f} dB"), ("ssim", "SSIM {:.4f}"), ("lpips", "LPIPS {:.4f}"),
+    for key, fmt in (("psnr_init", "PSNR before optimisation {:.2f} dB"), ("psnr", "PSNR {:.2f} dB"),
+                     ("ssim", "SSIM {:.4f}"), ("lpips", "LPIPS {:.4f}"), ("psnr_of_mean", "PSNR of the mean {:.2f} dB"),
+                     ("diversity_lpips", "diversity LPIPS {:.4f}"),
                      ("cons", "Cons {:.2f}"), ("consistency", "||Ax-y|| {:.3g}"),
                      ("psnr_to_sequential", "to-seq {:.2f} dB"), ("rounds", "{:.1f} rounds"), ("nfe", "{:.0f} NFE"),
                      ("seconds", "{:.1f} s/img")):

@@ -28,6 +28,7 @@ from deqir.deq.sampler import sample_deq
 from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
 from deqir.lit.distributed import TimestepParallelEvaluator
+from deqir.lit.samples import expand, sample_seed, summarize_samples
 from deqir.metrics import MetricSuite, colorization_consistency, consistency
 from deqir.metrics.fidelity import psnr
 from deqir.operators import Operator
@@ -50,9 +51,11 @@ def image_seed(seed: int, index: int, stream: int = 0) -> int:
     return base ^ MEASUREMENT_STREAM if stream == 1 else base
 
 
-def image_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
-    """CPU generator of image ``index``: stream 0 = chain noise (x_T, z), 1 = measurement noise."""
-    return torch.Generator().manual_seed(image_seed(seed, index, stream))
+def image_generator(seed: int, index: int, stream: int = 0, sample: int = 0) -> torch.Generator:
+    """CPU generator of image ``index``: stream 0 = chain noise (x_T, z), 1 = measurement noise; ``sample`` k
+    of a ``num_samples`` run draws its chain noise from its own seed (:func:`deqir.lit.samples.sample_seed`)."""
+    seed_ = image_seed(seed, index, stream)
+    return torch.Generator().manual_seed(sample_seed(seed_, sample) if sample else seed_)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class Problem:
     x_T: Tensor
     z: Tensor
     target: Tensor | None
+    num_samples: int = 1  # K > 1: every row above is repeated K times (sample k of image b at b * K + k)
 
 
 @dataclass
@@ -130,9 +134,11 @@ class BatchResult:
 
     rows: list[dict[str, Any]]
     restored: Tensor
-    inputs: Tensor
+    inputs: Tensor | None  # None when nothing is measured (task=generate)
     targets: Tensor | None
     traces: list[dict[str, list[float]]]
+    samples: Tensor | None = None  # num_samples K > 1: (B, K, C, H, W) on [0, 1]; ``restored`` is their mean
+    std: Tensor | None = None  # K > 1: the per-pixel standard deviation map (B, C, H, W), see deqir.lit.samples
 
 
 class RestorationModule(pl.LightningModule):
@@ -146,12 +152,14 @@ class RestorationModule(pl.LightningModule):
         seed: base seed of the per-image generators.
         chain: sampler/solver settings. evaluation: metric settings.
         timestep_parallel: split each round's T slots across the ranks (every rank gets the same images).
+        num_samples: restorations per image with independent chain noise, solved as one batch (docs/app.md).
     """
 
     def __init__(self, model: torch.nn.Module, operator: Operator, coeffs: ChainCoefficients, *, sigma_y: float = 0.0,
                  seed: int = 0, chain: ChainSettings, evaluation: EvalSettings = EvalSettings(),
-                 timestep_parallel: bool = False):
+                 timestep_parallel: bool = False, num_samples: int = 1):
         super().__init__()
+        self.num_samples = int(num_samples)
         self.model, self.operator, self.coeffs = model, operator, coeffs
         self.sigma_y, self.seed = float(sigma_y), int(seed)
         self.chain, self.evaluation, self.timestep_parallel = chain, evaluation, timestep_parallel
@@ -179,7 +187,7 @@ class RestorationModule(pl.LightningModule):
         problem = self.make_problem(batch)
         start = time.perf_counter()
         restored = self.restore(problem)
-        seconds = (time.perf_counter() - start) / len(problem.index)
+        seconds = (time.perf_counter() - start) / len(batch["name"])
         bad = [n for n, s in zip(problem.names, restored.status) if s == "nonfinite"]
         if bad or not bool(torch.isfinite(restored.x0).all()):
             which = ", ".join(bad) or problem.names[0]
@@ -190,8 +198,10 @@ class RestorationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the three stages
     def make_problem(self, batch: dict) -> Problem:
-        """Measurements and chain noise of a batch, from the per-image generators."""
+        """Measurements and chain noise of a batch, from the per-image generators (K > 1 samples: each image's
+        rows repeated K times, one measurement per image, noise from each sample's own generator)."""
         index = [int(i) for i in batch["index"].tolist()]
+        names, K = list(batch["name"]), self.num_samples
         op = self.operator
         with torch.no_grad():
             if "image" in batch:
@@ -200,14 +210,22 @@ class RestorationModule(pl.LightningModule):
                 y = torch.cat([op.measure(target[k : k + 1], self.sigma_y, image_generator(self.seed, i, 1))
                                for k, i in enumerate(index)])
                 shape = target.shape
+            elif "y" not in batch:  # unconditional generation: nothing measured
+                target, shape = None, (len(index), *op.image_shape)
+                y = op.A(torch.zeros(shape, device=self.device))
             else:  # real inputs: y given on the [0, 1] scale
                 target = None
                 y = batch["y"].to(self.device, torch.float32) * 2 - 1
                 op.check_measurement(y)
                 shape = (len(index), *op.image_shape)
-        gens = [image_generator(self.seed, i, 0) for i in index]
+        gens = [image_generator(self.seed, i, 0, k) for i in index for k in range(K)]
+        shape = (len(gens), *shape[1:])
         x_T, z = draw_chain_noise(shape, len(self.coeffs), gens, self.chain.per_step_noise, device=self.device)
-        return Problem(index=index, names=list(batch["name"]), y=y, x_T=x_T, z=z, target=target)
+        if K > 1:
+            names = [f"{n}_{k}" for n in names for k in range(K)]
+            y = y.repeat_interleave(K, dim=0)
+            target = target.repeat_interleave(K, dim=0) if target is not None else None
+        return Problem(index=expand(index, K), names=names, y=y, x_T=x_T, z=z, target=target, num_samples=K)
 
     def restore(self, problem: Problem) -> Restored:
         """Restore one batch (override this in subclasses). Runs the sampler without autograd."""
@@ -319,8 +337,9 @@ class RestorationModule(pl.LightningModule):
         target = to_unit(p.target) if p.target is not None else None
         if target is not None and self.suite is not None:
             cols.update(self.suite.compute(x0, target))
-        # ||A x0 - y|| on the [0, 1] scale: (A(2q - 1) - y) / 2 for a linear A.
-        cols["consistency"] = consistency(lambda x: op.A(2 * x - 1) / 2, q, p.y / 2)
+        measured = math.prod(op.measurement_shape) > 0  # False for unconditional generation
+        if measured:  # ||A x0 - y|| on the [0, 1] scale: (A(2q - 1) - y) / 2 for a linear A.
+            cols["consistency"] = consistency(lambda x: op.A(2 * x - 1) / 2, q, p.y / 2)
         if self.evaluation.colorization:
             cols["cons"] = colorization_consistency(q, (p.y + 1) / 2, A=lambda x: (op.A(2 * x - 1) + 1) / 2)
         traces: list[dict[str, list[float]]] = [{r.trace_key: t} for t in r.residual_trace]
@@ -340,8 +359,18 @@ class RestorationModule(pl.LightningModule):
             row.update(rounds=r.rounds[b], nfe=r.nfe[b], residual=r.residual[b], seconds=seconds, status=r.status[b])
             if r.extra is not None:
                 row.update(r.extra[b])
-        return BatchResult(rows=rows, restored=x0.cpu(), inputs=to_unit(op.y_to_image(p.y).float()).cpu(),
-                           targets=target.cpu() if target is not None else None, traces=traces)
+        inputs = to_unit(op.y_to_image(p.y).float()).cpu() if measured else None
+        K = p.num_samples
+        if K == 1:
+            return BatchResult(rows=rows, restored=x0.cpu(), inputs=inputs,
+                               targets=target.cpu() if target is not None else None, traces=traces)
+        base = [n.rsplit("_", 1)[0] for n in p.names[::K]]
+        one = slice(None, None, K)  # the first sample's row of every image
+        target = target[one] if target is not None else None
+        rows, mean, std = summarize_samples(rows, x0, target, K, self.suite, base)
+        return BatchResult(rows=rows, restored=mean.cpu(), inputs=inputs[one] if inputs is not None else None,
+                           targets=target.cpu() if target is not None else None, traces=traces[one],
+                           samples=x0.reshape(len(base), K, *x0.shape[1:]).cpu(), std=std.cpu())
 
 
 def _psnr(a: Tensor, b: Tensor) -> Tensor:

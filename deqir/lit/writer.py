@@ -2,7 +2,9 @@
 
 Layout of a run directory (every file written atomically: temp file + rename)::
 
-    images/<name>.png     restored image (8-bit)
+    images/<name>.png     restored image (8-bit); with num_samples K > 1: images/<name>_<k>.png, k = 0..K-1,
+    mean/<name>.png       (K > 1) the per-pixel mean of the samples
+    std/<name>.png        (K > 1) their per-pixel standard deviation (mean over channels, x 4: white = 0.25)
     inputs/<name>.png     the measurement shown in image space (operator.y_to_image)
     targets/<name>.png    ground truth (when the dataset has it)
     records/<index>.json  the image's CSV row + per-round traces; written last, so its presence means done
@@ -39,6 +41,8 @@ from deqir.utils.images import atomic_write_bytes, save_png
 #: CSV column order (columns without any value in the run are left out).
 COLUMNS = ("name", "index", "psnr", "ssim", "lpips", "cons", "consistency", "rounds", "nfe", "residual", "seconds",
            "psnr_to_sequential", "status",
+           # num_samples > 1 (deqir.lit.samples)
+           "num_samples", "psnr_of_mean", "ssim_of_mean", "lpips_of_mean", "diversity_lpips", "sample_std",
            # mode=optimize_init | invert
            "psnr_init", "loss_init", "loss_best", "best_step", "optimize_status", "uses_oracle")
 
@@ -103,6 +107,8 @@ class RunStore:
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
         self.images, self.inputs, self.targets = self.root / "images", self.root / "inputs", self.root / "targets"
+        self.mean, self.std = self.root / "mean", self.root / "std"
+        self.num_samples = 1  # restorations per image (num_samples)
         self.records_dir = self.root / "records"
         self.input_paths: list[Path] | None = None
         self.batch_size: int | None = None
@@ -145,7 +151,7 @@ class RunStore:
             i = int(rec["index"])
             if names is not None and (i >= len(names) or names[i] != rec["name"]):
                 continue
-            if not (self.images / f"{rec['name']}.png").is_file():
+            if not all(p.is_file() for p in self.restored_paths(str(rec["name"]))):
                 continue
             old, now = rec.get("input_sha256"), self.input_sha256(i)
             if old is not None and now is not None and old != now:
@@ -185,11 +191,25 @@ class RunStore:
         write_text(path, json.dumps({"signature": sig, "batch_size": self.batch_size}, indent=2, sort_keys=True))
 
     # ---------------------------------------------------------------- per image
-    def save(self, row: dict[str, Any], trace: dict[str, list[float]], restored, inputs, target) -> None:
-        """Save one image's PNGs, then its record (the record marks it done)."""
+    def restored_paths(self, name: str) -> list[Path]:
+        """The restored PNG(s) of image ``name``: ``images/<name>.png``, or one per sample when K > 1."""
+        if self.num_samples == 1:
+            return [self.images / f"{name}.png"]
+        return [self.images / f"{name}_{k}.png" for k in range(self.num_samples)]
+
+    def save(self, row: dict[str, Any], trace: dict[str, list[float]], restored, inputs, target,
+             samples=None, std=None) -> None:
+        """Save one image's PNGs, then its record (the record marks it done). ``samples`` (K, C, H, W) and
+        ``std`` (C, H, W) for K > 1, where ``restored`` is the samples' mean."""
         name, index = row["name"], int(row["index"])
         try:
-            save_png(restored, self.images / f"{name}.png")
+            if samples is None:
+                save_png(restored, self.images / f"{name}.png")
+            else:
+                for k, sample in enumerate(samples):
+                    save_png(sample, self.images / f"{name}_{k}.png")
+                save_png(restored, self.mean / f"{name}.png")
+                save_png(std, self.std / f"{name}.png")
             if inputs is not None:
                 save_png(inputs, self.inputs / f"{name}.png")
             if target is not None:
@@ -266,7 +286,9 @@ class RestorationWriter(BasePredictionWriter):
         p = prediction
         for b, row in enumerate(p.rows):
             self.store.save(row, p.traces[b], p.restored[b], p.inputs[b] if p.inputs is not None else None,
-                            p.targets[b] if p.targets is not None else None)
+                            p.targets[b] if p.targets is not None else None,
+                            samples=p.samples[b] if p.samples is not None else None,
+                            std=p.std[b] if p.std is not None else None)
             self.records.append(_json_safe({**row, "trace": p.traces[b]}))
         if trainer.is_global_zero:
             if self._table is None:

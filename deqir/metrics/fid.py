@@ -148,11 +148,14 @@ class FIDMetric:
         return int(m.fake_features_num_samples), int(m.real_features_num_samples)
 
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add a batch: ``pred`` (restored) and ``target`` are ``(N, 3, H, W)`` on [0, 1]."""
+    def update(self, pred: Tensor | None, target: Tensor | None) -> None:
+        """Add a batch: ``pred`` (restored or generated) and ``target`` (real) are ``(N, 3, H, W)`` on [0, 1];
+        either may be None (generation adds its samples and the reference images separately)."""
         dev = self.metric.device
-        self.metric.update(to_uint8_batch(pred).to(dev), real=False)
-        self.metric.update(to_uint8_batch(target).to(dev), real=True)
+        if pred is not None:
+            self.metric.update(to_uint8_batch(pred).to(dev), real=False)
+        if target is not None:
+            self.metric.update(to_uint8_batch(target).to(dev), real=True)
 
     def compute(self) -> float:
         """FID of everything accumulated (needs at least 2 images on each side)."""

@@ -15,6 +15,7 @@ from deqir.operators.denoise import Denoising
 from deqir.operators.general import GeneralLinearOperator, cgls
 from deqir.operators.inpaint import Inpainting
 from deqir.operators.kernels import KERNEL_KINDS, load_kernel, make_kernel, save_kernel
+from deqir.operators.null import Unconditional
 from deqir.operators.masks import MASK_TYPES, load_mask, make_mask, save_mask
 from deqir.operators.registry import OPERATOR_NAMES, make_operator
 from deqir.operators.separable import LegacySVDDeblur, SeparableOperator, ZeroBoundaryBlur
@@ -38,6 +39,7 @@ __all__ = [
     "Colorization",
     "WalshHadamardCS",
     "Denoising",
+    "Unconditional",
     "ComposedOperator",
     "GeneralLinearOperator",
     "cgls",

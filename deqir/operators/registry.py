@@ -18,6 +18,7 @@ from deqir.operators.denoise import Denoising
 from deqir.operators.inpaint import Inpainting
 from deqir.operators.kernels import as_kernel, load_kernel, make_kernel, separable_factors
 from deqir.operators.masks import make_mask
+from deqir.operators.null import Unconditional
 from deqir.operators.separable import LegacySVDDeblur, ZeroBoundaryBlur
 from deqir.operators.sr import AveragePoolSR, BicubicSR
 
@@ -110,6 +111,11 @@ def denoise(image_shape) -> Operator:
     return Denoising(image_shape)
 
 
+def generate(image_shape) -> Operator:
+    """Unconditional generation: nothing is measured (``task=generate``)."""
+    return Unconditional(image_shape)
+
+
 def compose(image_shape, operators: Sequence[Mapping] = (), pinv: str = "exact", max_iter: int = 200,
             tol: float = 1e-6) -> Operator:
     """``operators``: [{"name": ..., **params}, ...], applied first to last; shapes are chained."""
@@ -142,6 +148,7 @@ _BUILDERS = {
     "cs_walsh_hadamard": cs_walsh_hadamard,
     "denoise": denoise,
     "compose": compose,
+    "generate": generate,
 }
 OPERATOR_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
