@@ -57,12 +57,14 @@ def compose_config(task: str | None = None, overrides: Sequence[str] | None = No
 @dataclass
 class RestoreResult:
     """``images``: (N, 3, H, W) restored images on [0, 1] (as saved to ``images/*.png``, before 8-bit
-    rounding); ``stats``: one dict per image with the ``per_image.csv`` columns; ``inputs``: the measurements
-    in image space (``inputs/*.png``)."""
+    rounding; with ``num_samples`` K > 1 the samples' mean, ``mean/*.png``); ``stats``: one dict per image with
+    the ``per_image.csv`` columns; ``inputs``: the measurements in image space (``inputs/*.png``; None for
+    generation); ``samples``: (N, K, 3, H, W) when K > 1 (``images/<name>_<k>.png``), else None."""
 
     images: Tensor
     stats: list[dict[str, Any]]
-    inputs: Tensor
+    inputs: Tensor | None
+    samples: Tensor | None = None
 
 
 class Restorer:
@@ -98,6 +100,8 @@ class Restorer:
 
         Image ``i`` uses the noise of dataset index ``i`` (as the CLI's i-th image, sorted by path).
         """
+        if str(self.plain["task"]["name"]) == "generate":
+            raise ValueError("task=generate has no images to restore: use deqir.generate(num_images, overrides)")
         batch = _as_batch(images)
         n = batch.shape[0]
         module = self._module(tuple(batch.shape[1:]))
@@ -108,9 +112,25 @@ class Restorer:
             idx = list(range(start, min(n, start + size)))
             item = {"index": torch.tensor(idx), "name": [names[i] for i in idx], "image": batch[idx]}
             outs.append(module.predict_step(item, start // size))
-        return RestoreResult(images=torch.cat([o.restored for o in outs]),
-                             stats=[row for o in outs for row in o.rows],
-                             inputs=torch.cat([o.inputs for o in outs]))
+        return _result(outs)
+
+    def generate(self, num_images: int) -> RestoreResult:
+        """``task=generate``: images 0 .. num_images - 1 of ``invert.py task=generate`` (same seeds), at
+        ``dataset.size``."""
+        if str(self.plain["task"]["name"]) != "generate":
+            raise ValueError(f"generate() needs task='generate', this Restorer has task={self.plain['task']['name']!r}")
+        from deqir.datasets.generation import GeneratedIndices
+        from deqir.lit import builders
+
+        ds = GeneratedIndices(num_images)
+        module = self._module(builders.image_shape(self.plain["dataset"]))
+        size = int(self.plain["batch_size"])
+        outs = []
+        for start in range(0, num_images, size):
+            idx = list(range(start, min(num_images, start + size)))
+            outs.append(module.predict_step({"index": torch.tensor(idx), "name": [ds.names[i] for i in idx]},
+                                            start // size))
+        return _result(outs)
 
     __call__ = restore
 
@@ -135,6 +155,20 @@ def restore(images: Tensor | Sequence[str | Path], task: str | None = None,
     One-off form of :class:`Restorer` (which keeps the model loaded between calls); see docs/api.md.
     """
     return Restorer(task=task, overrides=overrides, device=device).restore(images)
+
+
+def generate(num_images: int, overrides: Sequence[str] | None = None,
+             device: str | torch.device | None = None) -> RestoreResult:
+    """Unconditional generation with ``invert.py task=generate``'s configuration and ``overrides``:
+    ``result.images`` (num_images, 3, H, W) on [0, 1], H = W = ``dataset.size`` (docs/api.md)."""
+    return Restorer(task="generate", overrides=overrides, device=device).generate(num_images)
+
+
+def _result(outs: list) -> RestoreResult:
+    """Concatenate the per-batch results of ``predict_step``."""
+    return RestoreResult(images=torch.cat([o.restored for o in outs]), stats=[row for o in outs for row in o.rows],
+                         inputs=torch.cat([o.inputs for o in outs]) if outs[0].inputs is not None else None,
+                         samples=torch.cat([o.samples for o in outs]) if outs[0].samples is not None else None)
 
 
 def _as_batch(images: Tensor | Sequence[str | Path]) -> Tensor:

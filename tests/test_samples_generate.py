@@ -215,3 +215,19 @@ def test_every_chain_generates_and_ddnm_is_plain_ddim(name):
     if name == "ddnm":
         ref, _ = sample_sequential(model, coeffs, x_T, z=z)
         assert (x0 - ref).abs().max() < 1e-12
+
+
+def test_python_api_generate_and_samples(generated):
+    import deqir
+
+    result = deqir.generate(2, overrides=TINY)
+    assert result.images.shape == (2, 3, 32, 32) and result.inputs is None and result.samples is None
+    for i, r in enumerate(read_csv(generated / "per_image.csv")):
+        saved = pixels(generated / "images" / f"{r['name']}.png").astype(int)
+        ours = (result.images[i].permute(1, 2, 0).numpy() * 255).round().astype(int)
+        assert np.abs(saved - ours).max() <= 1  # the CLI's images
+    restored = deqir.restore(torch.rand(1, 3, 32, 32), task="sr2", overrides=[*TINY, "num_samples=2"])
+    assert restored.samples.shape == (1, 2, 3, 32, 32)
+    assert torch.allclose(restored.images, restored.samples.mean(dim=1), atol=1e-6)
+    with pytest.raises(ValueError, match="deqir.generate"):
+        deqir.Restorer(task="generate", overrides=TINY).restore(torch.rand(1, 3, 32, 32))
