@@ -125,7 +125,7 @@ def run_cell(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = _build_model(args.model, args.size, device)
-    coeffs = make_chain(NoiseSchedule.create(), SamplingGrid.create(args.T), etw=0.1)
+    coeffs = make_chain(NoiseSchedule.create(), SamplingGrid.create(args.T), etw=0.1, nw=0.0)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(1, 3, args.size, args.size, generator=g).to(device)
     target = (0.5 * torch.randn(1, 3, args.size, args.size, generator=g)).clamp(-1, 1).to(device)
@@ -161,7 +161,7 @@ def run_cell(args: argparse.Namespace) -> dict:
             ((x0 - target) ** 2).sum().backward()
             rounds = 0
         else:
-            fmap = ChainMap(model, coeffs, param, max_batch=args.max_batch or None)
+            fmap = ChainMap(model, coeffs, param, max_batch=args.max_batch or None, form="cumsum")
             z0 = state["prev"] if state["prev"] is not None else fmap.initial_state()
             z_star, stats = solve(fmap, z0, max_iter=args.max_iter, tol=args.tol)  # no graph
             sync()

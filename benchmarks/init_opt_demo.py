@@ -50,19 +50,21 @@ def run(args) -> tuple[list[dict], str]:
     sched = NoiseSchedule.create()
     x = sample_images(args.size, args.images)
     B, T = x.shape[0], args.T
-    x_T, _ = draw_chain_noise(x.shape, T, [torch.Generator().manual_seed(b) for b in range(B)])
-    solve = SolveConfig(solver="anderson", max_iter=args.max_iter, tol=1e-3, options={"beta": 0.5})
+    x_T, _ = draw_chain_noise(x.shape, T, [torch.Generator().manual_seed(b) for b in range(B)], per_step_noise=False)
+    solve = SolveConfig(solver="anderson", max_iter=args.max_iter, tol=1e-3, stop_mode="rel", options={"beta": 0.5})
     grad = DEQGradientConfig(mode=args.gradient)
     rows = []
     for task, sigma_y in (("denoise", 0.1), ("sr4", 0.05)) if "restore" in args.demos else ():
         op, _, _ = task_operator(task, tuple(x.shape[1:]))
         y = torch.cat([op.measure(x[b : b + 1], sigma_y, torch.Generator().manual_seed(100 + b)) for b in range(B)])
-        coeffs = make_chain(sched, SamplingGrid.create(T), sigma_y_eff=2 * sigma_y * op.pinv_noise_gain())
+        coeffs = make_chain(sched, SamplingGrid.create(T), etw=0.0, nw=0.0,
+                            sigma_y_eff=2 * sigma_y * op.pinv_noise_gain())
         for label, losses, stop in (("consistency + discrepancy stop", {"consistency": 1.0}, (2 * sigma_y) ** 2),
                                     ("oracle (uses ground truth)", {"oracle": 1.0}, None)):
             t0 = time.perf_counter()
             res = optimize_init(model, coeffs, x_T, losses=losses, operator=op, y=y, ground_truth=x,
-                                steps=args.steps, lr=args.lr, stop_below=stop, solve=solve, gradient=grad)
+                                steps=args.steps, lr=args.lr, stop_below=stop, solve=solve, gradient=grad,
+                                map_form="cumsum")
             s = res.summary()
             cons0 = sum(res.history[0]["consistency"]) / B if "consistency" in res.history[0] else float("nan")
             rows.append({"demo": f"{task} σ_y={sigma_y}", "objective": label,
@@ -81,11 +83,11 @@ def colorize_demo(args, model, sched, x, x_T, grad) -> dict:
     B, T = x.shape[0], args.T
     op, _, _ = task_operator("colorize", tuple(x.shape[1:]))
     y = op.A(x)
-    coeffs = make_chain(sched, SamplingGrid.create(T))
-    solve = SolveConfig(solver="picard", max_iter=T, tol=1e-3)
+    coeffs = make_chain(sched, SamplingGrid.create(T), etw=0.0, nw=0.0)
+    solve = SolveConfig(solver="picard", max_iter=T, tol=1e-3, stop_mode="rel")
     ref = sample_images(args.size, 3)[[2, 0, 1]][:B]  # another image's colours as the reference
     x0_before = sample_deq(model, coeffs, x_T, operator=op, y=y, solver="picard", max_iter=T, tol=1e-3,
-                           form="step", clip_x0=True).x0  # the unsteered restoration
+                           stop_mode="rel", init="x_T", form="step", clip_x0=True).x0  # the unsteered restoration
     t0 = time.perf_counter()
     res = optimize_init(model, coeffs, x_T, losses={"reference": 1.0}, operator=op, y=y, reference=ref,
                         reference_kind=args.reference_kind, steps=args.steps, lr=args.lr, solve=solve, gradient=grad,

@@ -57,7 +57,7 @@ code("""t0 = time.time(); x_seq, _ = sample_sequential(model, coeffs, x_T, opera
 curve, residual = [], []
 t0 = time.time()
 res = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="anderson", max_iter=30, tol=1e-3,
-                 form="step",   # F_j = one sequential step of slot j-1, all slots in one batch
+                 stop_mode="rel", init="x_T", form="step",   # F_j = one sequential step of slot j-1, all slots in one batch
                  callback=lambda info: (curve.append(float(psnr(to_unit(info["last_slot"]), to_unit(x_seq), quantized=False)[0])),
                                         residual.append(float(info["rel_residual"][0]))))
 t_deq = time.time() - t0
@@ -89,16 +89,17 @@ x = load("coffee", 32)
 op = make_operator("colorize", tuple(x.shape[1:]))
 y = op.measure(x, 0.0)
 T = 10
-coeffs = make_chain(schedule, SamplingGrid.create(T))
-x_T, _ = draw_chain_noise(x.shape, T, [torch.Generator().manual_seed(1)])
+coeffs = make_chain(schedule, SamplingGrid.create(T), etw=0.0, nw=0.0)   # deterministic DDIM/DDNM
+x_T, _ = draw_chain_noise(x.shape, T, [torch.Generator().manual_seed(1)], per_step_noise=False)
+solve = dict(solver="anderson", max_iter=T, tol=1e-3, stop_mode="rel")
 reference = torch.tensor([-0.8, 0.6, -0.6]).view(1, 3, 1, 1).expand_as(x)   # a green reference colour
 out = optimize_init(model, coeffs, x_T, losses={"reference": 1.0}, operator=op, y=y, reference=reference,
-                    reference_kind="l2", steps=6, lr=0.05, solve=SolveConfig(max_iter=T),
-                    gradient=DEQGradientConfig(mode="ift"))
+                    reference_kind="l2", steps=6, lr=0.05, solve=SolveConfig(**solve),
+                    gradient=DEQGradientConfig(mode="ift"), map_form="cumsum")
 print("reference loss per step:", [round(h["loss"][0], 4) for h in out.history])
 print("consistency ||A x0 - y||:", float((op.A(out.x0_best) - y).norm()))
 print("mean colour (R, G, B) before -> after:",
-      [round(v, 3) for v in to_unit(sample_deq(model, coeffs, x_T, operator=op, y=y, max_iter=T).x0).mean((0, 2, 3)).tolist()], "->",
+      [round(v, 3) for v in to_unit(sample_deq(model, coeffs, x_T, operator=op, y=y, **solve, init="x_T", form="cumsum").x0).mean((0, 2, 3)).tolist()], "->",
       [round(v, 3) for v in to_unit(out.x0_best).mean((0, 2, 3)).tolist()])
 show([op.y_to_image(y), out.x0_best, x], nrow=3)   # gray input | steered colorization | ground truth"""),
 ]

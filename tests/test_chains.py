@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paper_settings import paper_deq
 from tiny_models import TinyEps
 
 from deqir.chains import CHAINS, make_step
 from deqir.chains.diffpir import DiffPIRStep
-from deqir.deq.sampler import sample_deq
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
 from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
@@ -42,7 +42,7 @@ def test_picard_T_rounds_is_the_sequential_chain(name, task):
     coeffs, x_T, z, op, y = problem(task, sigma_y=0.05 if task == "inpaint" else 0.0)
     fn = step(name, coeffs, op, y, z, sigma_y=0.05 if task == "inpaint" else 0.0)
     x0, _, traj = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y, z=z, return_trajectory=True, step_fn=fn)
-    res = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0, form="step",
+    res = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0, form="step",
                      step_fn=fn)
     assert res.stats.rounds == T
     assert (res.states - traj).abs().max() < 1e-10
@@ -134,7 +134,7 @@ def test_bad_chain_settings_name_the_options():
     with pytest.raises(ValueError, match="SVD"):
         make_step("ddrm", coeffs, operator=comp, y=comp.A(x_T.float()))
     with pytest.raises(ValueError, match="step form"):
-        sample_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, form="cumsum", step_fn=step("ddrm", coeffs, op, y, z))
+        paper_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, form="cumsum", step_fn=step("ddrm", coeffs, op, y, z))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

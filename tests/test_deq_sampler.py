@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from deqir.deq.joint_map import ChainMap
-from deqir.deq.sampler import coarse_warm_start, sample_deq
+from deqir.deq.sampler import coarse_warm_start
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
 from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
 from deqir.operators import OPERATOR_NAMES, make_operator
+from paper_settings import paper_deq
 from tiny_models import tiny_unet
 
 SIZE = 16
@@ -29,6 +30,7 @@ TASKS: dict[str, dict] = {
     "colorize": {},
     "cs_walsh_hadamard": {"ratio": 2},
     "denoise": {},
+    "generate": {},
     "compose": {"operators": [{"name": "colorize"}, {"name": "inpaint", "mask_type": "box"}]},
 }
 
@@ -61,7 +63,7 @@ def test_picard_T_rounds_is_the_sequential_chain(task):
     T = 10
     coeffs, x_T, z, op, y = problem(T, task, etw=0.3, nw=0.2)
     x0_seq, _, traj = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y, z=z, return_trajectory=True)
-    res = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0)
+    res = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0)
     assert res.stats.rounds == T
     assert (res.states - traj).abs().max() < 1e-6
     assert rel(res.x0, x0_seq) < 1e-9
@@ -75,7 +77,7 @@ def test_picard_error_contracts_round_by_round():
     T = 10
     coeffs, x_T, z, op, y = problem(T, "sr_avgpool")
     _, _, traj = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y, return_trajectory=True)
-    fmap = ChainMap(MODEL, coeffs, x_T, operator=op, y=y)
+    fmap = ChainMap(MODEL, coeffs, x_T, operator=op, y=y, form="cumsum")
     X = fmap.initial_state()
     errs = []
     with torch.no_grad():
@@ -99,7 +101,7 @@ SOLVER_CASES = [(T, task, solver, options, max_iter)
 def test_solvers_reach_the_sequential_fixed_point(T, task, solver, options, max_iter):
     coeffs, x_T, z, op, y = problem(T, task)
     x0_seq, _ = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y)
-    res = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, solver=solver, options=options, max_iter=max_iter, tol=1e-7)
+    res = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, solver=solver, options=options, max_iter=max_iter, tol=1e-7)
     assert res.stats.status == "converged"
     assert rel(res.x0, x0_seq) < 1e-4
     if solver == "sliding_window":
@@ -109,12 +111,12 @@ def test_solvers_reach_the_sequential_fixed_point(T, task, solver, options, max_
 def test_batch_equals_one_at_a_time_and_max_batch_changes_nothing():
     T = 12
     coeffs, x_T, z, op, y = problem(T, "deblur_gauss", B=3)
-    full = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, max_iter=8)
+    full = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, max_iter=8)
     for b in range(3):
-        single = sample_deq(MODEL, coeffs, x_T[b : b + 1], operator=op, y=y[b : b + 1], max_iter=8)
+        single = paper_deq(MODEL, coeffs, x_T[b : b + 1], operator=op, y=y[b : b + 1], max_iter=8)
         assert (single.x0[0] - full.x0[b]).abs().max() < 1e-9
     for mb in (1, 5, 7):
-        chunked = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, max_iter=8, max_batch=mb)
+        chunked = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, max_iter=8, max_batch=mb)
         assert (chunked.x0 - full.x0).abs().max() < 1e-9
 
 
@@ -124,24 +126,24 @@ def test_per_step_noise_and_shared_noise_differ_and_both_match_sequential():
         coeffs, x_T, z, op, y = problem(T, "colorize", nw=0.5, per_step=per_step)
         assert z.shape[1] == (T if per_step else 1)
         x0_seq, _ = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y, z=z)
-        res = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0)
+        res = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0)
         assert rel(res.x0, x0_seq) < 1e-9
 
 
 def test_noise_requires_z():
     coeffs, x_T, z, op, y = problem(5, "denoise", nw=0.5)
     with pytest.raises(ValueError, match="pass z"):
-        sample_deq(MODEL, coeffs, x_T, operator=op, y=y)
+        paper_deq(MODEL, coeffs, x_T, operator=op, y=y)
 
 
 def test_coarse_warm_start_is_closer_and_converges():
     T = 25
     coeffs, x_T, z, op, y = problem(T, "sr_bicubic")
     _, _, traj = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y, return_trajectory=True)
-    fmap = ChainMap(MODEL, coeffs, x_T, operator=op, y=y)
+    fmap = ChainMap(MODEL, coeffs, x_T, operator=op, y=y, form="cumsum")
     warm = coarse_warm_start(MODEL, coeffs, x_T, 5, operator=op, y=y)
     assert rel(warm, traj) < rel(fmap.initial_state(), traj)
-    res = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, init="coarse", coarse_steps=5, max_iter=30, tol=1e-7)
+    res = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, init="coarse", coarse_steps=5, max_iter=30, tol=1e-7)
     assert res.init_nfe == 2 * 5 and res.nfe == res.init_nfe + res.stats.nfe
     assert rel(res.x0, traj[:, -1]) < 1e-4
 
@@ -175,13 +177,13 @@ def closed_form_denoise(coeffs, x_T: float, y: float) -> float:
 def test_gaussian_prior_denoising_matches_closed_form(noise_aware):
     T, sigma_y = 25, 0.25  # sigma_y on [0, 1] -> 0.5 on [-1, 1]
     op = make_operator("denoise", (3, SIZE, SIZE)).double()
-    coeffs = make_chain(SCHED, SamplingGrid.create(T), etw=0.0, sigma_y_eff=2 * sigma_y, noise_aware=noise_aware)
+    coeffs = make_chain(SCHED, SamplingGrid.create(T), etw=0.0, nw=0.0, sigma_y_eff=2 * sigma_y, noise_aware=noise_aware)
     g = torch.Generator().manual_seed(3)
     gt = MU + S * torch.randn((4, 3, SIZE, SIZE), generator=g, dtype=torch.float64)
     y = op.measure(gt, sigma_y, generator=g)
     x_T = torch.randn(gt.shape, generator=g, dtype=torch.float64)
-    res = sample_deq(GaussianEps(), coeffs, x_T, operator=op, y=y, solver="picard", max_iter=T, tol=0.0)
-    fast = sample_deq(GaussianEps(), coeffs, x_T, operator=op, y=y, max_iter=30, tol=1e-10,
+    res = paper_deq(GaussianEps(), coeffs, x_T, operator=op, y=y, solver="picard", max_iter=T, tol=0.0)
+    fast = paper_deq(GaussianEps(), coeffs, x_T, operator=op, y=y, max_iter=30, tol=1e-10,
                       options={"lam_mode": "relative"})
     assert rel(fast.x0, res.x0) < 1e-5
     idx = [(0, 0, 0, 0), (1, 2, 5, 7), (3, 1, 15, 15)]
@@ -213,13 +215,13 @@ class ZeroModel(torch.nn.Module):
 
 def test_nan_model_ends_with_a_status_not_an_exception():
     coeffs, x_T, z, op, y = problem(6, "inpaint")
-    res = sample_deq(NaNModel(), coeffs, x_T, operator=op, y=y, max_iter=6)
+    res = paper_deq(NaNModel(), coeffs, x_T, operator=op, y=y, max_iter=6)
     assert res.stats.status == "nonfinite"
 
 
 def test_singular_gram_is_handled():
     coeffs, x_T, z, op, y = problem(6, "inpaint")
-    res = sample_deq(ZeroModel(), coeffs, x_T, operator=op, y=y, max_iter=8, tol=0.0, options={"lam": 0.0})
+    res = paper_deq(ZeroModel(), coeffs, x_T, operator=op, y=y, max_iter=8, tol=0.0, options={"lam": 0.0})
     assert torch.isfinite(res.x0).all()
     x0_seq, _ = sample_sequential(ZeroModel(), coeffs, x_T, operator=op, y=y)
     assert rel(res.x0, x0_seq) < 1e-9
@@ -228,11 +230,11 @@ def test_singular_gram_is_handled():
 def test_bad_options_are_clear():
     coeffs, x_T, z, op, y = problem(4, "denoise")
     with pytest.raises(ValueError, match="history_size|no option"):
-        sample_deq(MODEL, coeffs, x_T, operator=op, y=y, options={"m": 3})
+        paper_deq(MODEL, coeffs, x_T, operator=op, y=y, options={"m": 3})
     with pytest.raises(ValueError, match="init"):
-        sample_deq(MODEL, coeffs, x_T, operator=op, y=y, init="zeros")
+        paper_deq(MODEL, coeffs, x_T, operator=op, y=y, init="zeros")
     with pytest.raises(ValueError, match="solver"):
-        sample_deq(MODEL, coeffs, x_T, operator=op, y=y, solver="broyden")
+        paper_deq(MODEL, coeffs, x_T, operator=op, y=y, solver="broyden")
 
 
 # ---- the step form of the map (same fixed point, one-step Jacobian, allows clipping) ---------------------
@@ -244,7 +246,7 @@ def test_step_form_picard_T_rounds_is_the_sequential_chain(task, clip):
     coeffs, x_T, z, op, y = problem(T, task, etw=1.0, nw=1.0, per_step=True, sigma_y=sigma_y)
     x0_seq, _, traj = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y, z=z, return_trajectory=True,
                                         clip_x0=clip)
-    res = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0, form="step",
+    res = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="picard", max_iter=T, tol=0.0, form="step",
                      clip_x0=clip)
     assert (res.states - traj).abs().max() < 1e-9
     if op is not None and sigma_y == 0:
@@ -258,7 +260,7 @@ def test_step_form_solvers_reach_the_stochastic_chain(solver, options, max_iter)
     T = 25
     coeffs, x_T, z, op, y = problem(T, "sr_bicubic", etw=1.0, nw=1.0, per_step=True)
     x0_seq, _ = sample_sequential(MODEL, coeffs, x_T, operator=op, y=y, z=z)
-    res = sample_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver=solver, options=options, max_iter=max_iter,
+    res = paper_deq(MODEL, coeffs, x_T, operator=op, y=y, z=z, solver=solver, options=options, max_iter=max_iter,
                      tol=1e-7, form="step")
     assert res.stats.status == "converged"
     assert rel(res.x0, x0_seq) < 1e-4
@@ -267,6 +269,6 @@ def test_step_form_solvers_reach_the_stochastic_chain(solver, options, max_iter)
 def test_map_form_options_are_validated():
     coeffs, x_T, z, op, y = problem(4, "denoise")
     with pytest.raises(ValueError, match="form"):
-        sample_deq(MODEL, coeffs, x_T, operator=op, y=y, form="jacobi")
+        paper_deq(MODEL, coeffs, x_T, operator=op, y=y, form="jacobi")
     with pytest.raises(ValueError, match="step"):
-        sample_deq(MODEL, coeffs, x_T, operator=op, y=y, clip_x0=True)
+        paper_deq(MODEL, coeffs, x_T, operator=op, y=y, clip_x0=True)

@@ -46,9 +46,9 @@ def _problem(case: str, T: int, B: int = 2, seed: int = 0):
     W[:, :-1] *= 0.1  # mostly a loss on x0, some weight on every state
     op = y = z = None
     if case == "uncond":
-        co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.1)
+        co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.1, nw=0.0)
     elif case == "sr":
-        co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.1)
+        co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.1, nw=0.0)
         op = make_operator("sr_avgpool", SHAPE, scale=2).to(DT)
         y = op.A(gt)
     elif case == "inpaint_noisy":  # lam < 1 (x_T also enters the range part) and a noise term (nw > 0)
@@ -93,7 +93,7 @@ def _sequential_grad(model, co, x_T, op, y, z, W) -> torch.Tensor:
 def _deq_grad(model, co, x_T, op, y, z, W, mode: str, *, info: dict | None = None, **kw):
     """Gradient w.r.t. x_T of sum(W * states) through the exact equilibrium, and the attached states."""
     x = x_T.clone().requires_grad_(True)
-    fmap = ChainMap(model, co, x, operator=op, y=y, z=z)
+    fmap = ChainMap(model, co, x, operator=op, y=y, z=z, form="cumsum")
     z_star, _ = picard(fmap, fmap.initial_state(), max_iter=len(co), tol=0.0)
     states = attach_gradient(fmap, z_star, mode, on_backward=None if info is None else info.update, **kw)
     (W * states).sum().backward()
@@ -181,7 +181,7 @@ def test_gradient_inside_no_grad_and_no_leaks():
     grads = []
     for _ in range(2):
         with torch.enable_grad():
-            fmap = ChainMap(model, co, x)
+            fmap = ChainMap(model, co, x, form="cumsum")
         with torch.no_grad():
             z_star, _ = picard(fmap, fmap.initial_state(), max_iter=T, tol=0.0)
             states = attach_gradient(fmap, z_star, "ift")
@@ -197,7 +197,7 @@ def test_map_built_under_no_grad_is_rejected():
     co, x_T, *_ = _problem("uncond", 4)
     x = x_T.clone().requires_grad_(True)
     with torch.no_grad():
-        fmap = ChainMap(TinyEps(), co, x)
+        fmap = ChainMap(TinyEps(), co, x, form="cumsum")
     with pytest.raises(ValueError, match="enable_grad"):
         attach_gradient(fmap, fmap.initial_state(), "ift")
 
@@ -205,7 +205,7 @@ def test_map_built_under_no_grad_is_rejected():
 def test_inference_mode_is_rejected():
     co, x_T, *_ = _problem("uncond", 4)
     x = x_T.clone().requires_grad_(True)
-    fmap = ChainMap(TinyEps(), co, x)
+    fmap = ChainMap(TinyEps(), co, x, form="cumsum")
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="inference_mode"):
             attach_gradient(fmap, fmap.initial_state(), "ift")
@@ -234,7 +234,7 @@ def test_config_attach_equals_function():
     model = TinyEps()
     g_fn, _, _ = _deq_grad(model, co, x_T, op, y, z, W, "phantom", phantom_steps=2, tau=0.5)
     x = x_T.clone().requires_grad_(True)
-    fmap = ChainMap(model, co, x)
+    fmap = ChainMap(model, co, x, form="cumsum")
     z_star, _ = picard(fmap, fmap.initial_state(), max_iter=T, tol=0.0)
     (W * DEQGradientConfig(mode="phantom", phantom_steps=2, tau=0.5).attach(fmap, z_star)).sum().backward()
     torch.testing.assert_close(x.grad, g_fn, rtol=0, atol=0)

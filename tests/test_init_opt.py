@@ -14,14 +14,12 @@ from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
 from deqir.diffusion.sequential import sample_sequential
 from deqir.metrics import lpips_available
 from deqir.operators import make_operator
+from paper_settings import paper_invert_image, paper_optimize_init, paper_solve
 from tiny_models import TinyEps
 from deqir.optim import (
     InitOptResult,
     LossTerms,
-    SolveConfig,
     ddim_invert,
-    invert_image,
-    optimize_init,
     prior_loss,
 )
 
@@ -29,7 +27,7 @@ DT = torch.float64
 SCHEDULE = NoiseSchedule.create()
 SHAPE = (3, 16, 16)
 T = 6
-EXACT = SolveConfig(solver="picard", max_iter=T, tol=0.0)  # exact equilibrium every step
+EXACT = paper_solve(solver="picard", max_iter=T, tol=0.0)  # exact equilibrium every step
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,7 @@ def _noisy_sr(B: int = 2, sigma: float = 0.1, seed: int = 0):
     gt = _images(B)
     op = make_operator("sr_avgpool", SHAPE, scale=2).to(DT)
     y = op.A(gt) + sigma * torch.randn(op.A(gt).shape, generator=g, dtype=DT)
-    co = make_chain(SCHEDULE, SamplingGrid.create(T), sigma_y_eff=sigma * op.pinv_noise_gain())
+    co = make_chain(SCHEDULE, SamplingGrid.create(T), sigma_y_eff=sigma * op.pinv_noise_gain(), etw=0.0, nw=0.0)
     x_T0 = torch.randn(B, *SHAPE, generator=g, dtype=DT)
     return co, op, y, gt, x_T0
 
@@ -63,7 +61,7 @@ def _column(res: InitOptResult, key: str, b: int) -> list[float]:
 def test_consistency_decreases_on_noisy_problem(model):
     co, op, y, gt, x_T0 = _noisy_sr()
     assert bool((co.lam < 1).any())  # noise-aware chain: A x0 != y, the term is informative
-    res = optimize_init(model, co, x_T0, losses={"consistency": 1.0}, operator=op, y=y, steps=6, lr=0.1,
+    res = paper_optimize_init(model, co, x_T0, losses={"consistency": 1.0}, operator=op, y=y, steps=6, lr=0.1,
                         solve=EXACT)
     assert len(res.history) == 7 and not res.uses_oracle
     for b in range(2):
@@ -83,7 +81,7 @@ GRADIENTS = [DEQGradientConfig(mode="ift"), DEQGradientConfig(mode="phantom"),
 def test_oracle_decreases_and_is_flagged(model, gradient):
     # (a truncated unroll, k = 2, ascends on this score-like model: docs/gradients.md)
     co, op, y, gt, x_T0 = _noisy_sr()
-    res = optimize_init(model, co, x_T0, losses={"oracle": 1.0, "prior": 0.01}, operator=op, y=y, ground_truth=gt,
+    res = paper_optimize_init(model, co, x_T0, losses={"oracle": 1.0, "prior": 0.01}, operator=op, y=y, ground_truth=gt,
                         steps=5, lr=0.1, solve=EXACT, gradient=gradient)
     assert res.uses_oracle and all(h["uses_oracle"] for h in res.history)
     for b in range(2):
@@ -104,7 +102,7 @@ def test_oracle_decreases_and_is_flagged(model, gradient):
 def test_keeps_best_and_states_match_best_x_T(model):
     co, op, y, gt, x_T0 = _noisy_sr()
     # a huge learning rate makes the objective non-monotone; the result must still be the best evaluation
-    res = optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=6,
+    res = paper_optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=6,
                         lr=3.0, solve=EXACT)
     for b in range(2):
         losses = _column(res, "loss", b)
@@ -117,7 +115,7 @@ def test_keeps_best_and_states_match_best_x_T(model):
 
 def test_step_zero_is_the_start(model):
     co, op, y, gt, x_T0 = _noisy_sr()
-    res = optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=0,
+    res = paper_optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=0,
                         solve=EXACT)
     assert len(res.history) == 1 and res.best_step == [0, 0]
     torch.testing.assert_close(res.x_T_best, x_T0, rtol=0, atol=0)
@@ -127,16 +125,16 @@ def test_images_are_independent(model):
     """B = 2 optimised together == each alone, including per-image early stopping."""
     co, op, y, gt, x_T0 = _noisy_sr()
     gt[1] *= 3.0  # a harder target: image 1 keeps a larger loss than image 0
-    common = dict(losses={"oracle": 1.0}, operator=op, steps=6, lr=0.1, solve=SolveConfig(tol=1e-6),
+    common = dict(losses={"oracle": 1.0}, operator=op, steps=6, lr=0.1, solve=paper_solve(tol=1e-6),
                   patience=2, min_improvement=0.0)
-    alone = [optimize_init(model, co, x_T0[b:b + 1], y=y[b:b + 1], ground_truth=gt[b:b + 1], **common)
+    alone = [paper_optimize_init(model, co, x_T0[b:b + 1], y=y[b:b + 1], ground_truth=gt[b:b + 1], **common)
              for b in range(2)]
     # stop image 0 early: threshold between its losses at steps 2 and 3
     l0 = _column(alone[0], "loss", 0)
     stop = 0.5 * (l0[2] + l0[3])
-    alone = [optimize_init(model, co, x_T0[b:b + 1], y=y[b:b + 1], ground_truth=gt[b:b + 1], stop_below=stop,
+    alone = [paper_optimize_init(model, co, x_T0[b:b + 1], y=y[b:b + 1], ground_truth=gt[b:b + 1], stop_below=stop,
                            **common) for b in range(2)]
-    both = optimize_init(model, co, x_T0, y=y, ground_truth=gt, stop_below=stop, **common)
+    both = paper_optimize_init(model, co, x_T0, y=y, ground_truth=gt, stop_below=stop, **common)
     assert both.status[0] == "stop_below" and alone[0].status == ["stop_below"]
     assert both.status[1] == alone[1].status[0] != "stop_below"
     for b in range(2):
@@ -150,11 +148,11 @@ def test_images_are_independent(model):
 def test_warm_start_saves_rounds(model):
     co, op, y, gt, x_T0 = _noisy_sr()
     T_long = 20
-    co = make_chain(SCHEDULE, SamplingGrid.create(T_long), sigma_y_eff=0.1 * op.pinv_noise_gain())
+    co = make_chain(SCHEDULE, SamplingGrid.create(T_long), sigma_y_eff=0.1 * op.pinv_noise_gain(), etw=0.0, nw=0.0)
     kw = dict(losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=3, lr=0.01)
     rounds = {}
     for warm in (True, False):
-        res = optimize_init(model, co, x_T0, solve=SolveConfig(tol=1e-3, max_iter=2 * T_long, warm_start=warm), **kw)
+        res = paper_optimize_init(model, co, x_T0, solve=paper_solve(tol=1e-3, max_iter=2 * T_long, warm_start=warm), **kw)
         rounds[warm] = [h["solver_rounds"] for h in res.history]
     assert rounds[True][0] == rounds[False][0]
     assert sum(rounds[True][1:]) < sum(rounds[False][1:])
@@ -164,7 +162,7 @@ def test_callback_and_no_grad_context(model):
     co, op, y, gt, x_T0 = _noisy_sr()
     seen = []
     with torch.no_grad():  # autograd is enabled inside
-        res = optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=3,
+        res = paper_optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=3,
                             lr=0.1, solve=EXACT, callback=seen.append)
     assert [s["step"] for s in seen] == [0, 1, 2, 3]
     assert seen[0]["x0"].shape == (2, *SHAPE) and seen[0]["index"].tolist() == [0, 1]
@@ -175,7 +173,7 @@ def test_inference_mode_raises(model):
     co, op, y, gt, x_T0 = _noisy_sr()
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="inference_mode"):
-            optimize_init(model, co, x_T0, losses={"oracle": 1.0}, ground_truth=gt, steps=1)
+            paper_optimize_init(model, co, x_T0, losses={"oracle": 1.0}, ground_truth=gt, steps=1)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -192,12 +190,12 @@ def test_argument_validation(model, kwargs, match):
     co, op, y, gt, x_T0 = _noisy_sr()
     kwargs = {k: (gt if v == "gt" else v) for k, v in kwargs.items()}
     if match is None:  # reference_kind is only checked when the reference term is used
-        optimize_init(model, co, x_T0, steps=0, solve=EXACT, **kwargs)
+        paper_optimize_init(model, co, x_T0, steps=0, solve=EXACT, **kwargs)
         with pytest.raises(ValueError, match="reference_kind"):
-            optimize_init(model, co, x_T0, steps=0, **{**kwargs, "losses": {"reference": 1.0}})
+            paper_optimize_init(model, co, x_T0, steps=0, **{**kwargs, "losses": {"reference": 1.0}})
         return
     with pytest.raises(ValueError, match=match):
-        optimize_init(model, co, x_T0, **kwargs)
+        paper_optimize_init(model, co, x_T0, **kwargs)
 
 
 def test_prior_loss_and_reference_l2(model):
@@ -209,9 +207,9 @@ def test_prior_loss_and_reference_l2(model):
     torch.testing.assert_close(out["reference"], torch.full((2,), 0.01, dtype=DT))
     torch.testing.assert_close(out["total"], 2 * out["reference"] + out["prior"])
     # "steer the generation direction": an l2 reference pulls x0 towards it
-    co = make_chain(SCHEDULE, SamplingGrid.create(T))
+    co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.0, nw=0.0)
     ref = _images(1)
-    res = optimize_init(model, co, torch.randn(1, *SHAPE, dtype=DT), losses={"reference": 1.0}, reference=ref,
+    res = paper_optimize_init(model, co, torch.randn(1, *SHAPE, dtype=DT), losses={"reference": 1.0}, reference=ref,
                         reference_kind="l2", steps=4, lr=0.1, solve=EXACT)
     r = _column(res, "reference", 0)
     assert r[-1] < r[0] and not res.uses_oracle
@@ -236,8 +234,8 @@ def test_lpips_reference_steers_colorization(model):
     gt = _images(1)
     y = op.A(gt)
     ref = torch.stack([gt[0, 0].abs(), -gt[0, 1].abs(), gt[0, 2]])[None]
-    co = make_chain(SCHEDULE, SamplingGrid.create(T))
-    res = optimize_init(model, co, torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=DT),
+    co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.0, nw=0.0)
+    res = paper_optimize_init(model, co, torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=DT),
                         losses={"reference": 1.0}, operator=op, y=y, reference=ref, steps=4, lr=0.2, solve=EXACT)
     r = _column(res, "reference", 0)
     assert min(r[1:]) < r[0]
@@ -246,20 +244,20 @@ def test_lpips_reference_steers_colorization(model):
 
 def test_ddim_inversion_path(model):
     x = _images(2)
-    co = make_chain(SCHEDULE, SamplingGrid.create(T))
+    co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.0, nw=0.0)
     x_T, states = ddim_invert(model, co, x, return_states=True)
     assert x_T.shape == x.shape and states.shape == (2, T, *SHAPE)
     torch.testing.assert_close(states[:, -1], x, rtol=0, atol=0)
     # the DDIM path is nearly a fixed point of the chain map from the inverted x_T
-    fmap = ChainMap(model, co, x_T)
+    fmap = ChainMap(model, co, x_T, form="cumsum")
     exact, _ = picard(fmap, states, max_iter=T, tol=0.0)
     assert float((exact[:, -1] - x).abs().max()) < 1.0
 
 
 def test_inversion_improves_reconstruction(model):
     x = _images(2)
-    co = make_chain(SCHEDULE, SamplingGrid.create(T))
-    res = invert_image(model, co, x, steps=6, lr=0.05, solve=EXACT)
+    co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.0, nw=0.0)
+    res = paper_invert_image(model, co, x, steps=6, lr=0.05, solve=EXACT)
     start = _column(res, "psnr", 0)[0]
     x0_start, _ = sample_sequential(model, co, res.x_T_init)
     mse = float(((x0_start[:1] - x[:1]) / 2).square().mean())
@@ -273,19 +271,19 @@ def test_inversion_improves_reconstruction(model):
 def test_inversion_with_operator_and_noise_init(model):
     x = _images(1)
     op = make_operator("sr_avgpool", SHAPE, scale=2).to(DT)
-    co = make_chain(SCHEDULE, SamplingGrid.create(T))
-    res = invert_image(model, co, x, operator=op, init="noise", generator=torch.Generator().manual_seed(0), steps=4,
+    co = make_chain(SCHEDULE, SamplingGrid.create(T), etw=0.0, nw=0.0)
+    res = paper_invert_image(model, co, x, operator=op, init="noise", generator=torch.Generator().manual_seed(0), steps=4,
                        lr=0.1, solve=EXACT)
     p = _column(res, "psnr", 0)
     assert p[-1] > p[0]
     torch.testing.assert_close(op.A(res.x0_best), op.A(x), rtol=0, atol=1e-8)
     with pytest.raises(ValueError, match="unknown init"):
-        invert_image(model, co, x, init="zeros")
+        paper_invert_image(model, co, x, init="zeros")
 
 
 def test_patience_stops_an_image(model):
     co, op, y, gt, x_T0 = _noisy_sr()
-    res = optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=30,
+    res = paper_optimize_init(model, co, x_T0, losses={"oracle": 1.0}, operator=op, y=y, ground_truth=gt, steps=30,
                         lr=3.0, patience=2, solve=EXACT)
     assert "patience" in res.status
     for b, st in enumerate(res.status):

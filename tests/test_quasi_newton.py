@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 from test_deq_sampler import MODEL, problem, rel
+from paper_settings import paper_deq
 from tiny_models import TinyEps
 
 from deqir.deq.joint_map import ChainMap
 from deqir.deq.linearize import SpectralGaussianPrior
-from deqir.deq.sampler import sample_deq
 from deqir.deq.solvers import quasi_newton
 from deqir.diffusion.sequential import sample_sequential
 from deqir.lit.autotune import choose_schedule, measure_batch_costs
@@ -22,7 +22,7 @@ def _solve(model, T, task, sigma_y=0.0, **opts):
     coeffs, x_T, z, op, y = problem(T, task, etw=1.0, nw=1.0, per_step=True, sigma_y=sigma_y)
     x0_seq, _, traj = sample_sequential(model, coeffs, x_T, operator=op, y=y, z=z, return_trajectory=True)
     init = opts.pop("init", "surrogate")
-    res = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", options=opts,
+    res = paper_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", options=opts,
                      max_iter=opts.pop("max_iter", None) or T, tol=opts.pop("tol", 1e-12), stop_mode="noise",
                      form="step", init=init)
     return res, x0_seq, traj
@@ -66,7 +66,7 @@ def test_fewer_rounds_than_picard_on_a_score_like_model(task):
 
     def rounds_to(solver, init, **options):
         errs = []
-        sample_deq(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, solver=solver, options=options, max_iter=T,
+        paper_deq(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, solver=solver, options=options, max_iter=T,
                    tol=0.0, stop_mode="noise" if solver == "quasi_newton" else "abs", form="step", init=init,
                    callback=lambda info: errs.append(float((info["last_slot"] - x0_seq).abs().max())))
         return next(i + 1 for i, e in enumerate(errs) if e < 1e-4)
@@ -74,7 +74,7 @@ def test_fewer_rounds_than_picard_on_a_score_like_model(task):
     qn = rounds_to("quasi_newton", "surrogate", output_tol=0.0, **prior)
     pic = rounds_to("picard", "x_T")
     assert qn < pic
-    res = sample_deq(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", max_iter=T, tol=0.05,
+    res = paper_deq(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", max_iter=T, tol=0.05,
                      stop_mode="noise", form="step", init="surrogate", options=prior)
     assert res.stats.status == "converged" and res.stats.rounds < T
     psnr = -20 * math.log10(float(((res.x0 - x0_seq) / 2).pow(2).mean().sqrt()))
@@ -118,10 +118,10 @@ def test_options_are_validated():
     coeffs, x_T, z, op, y = problem(4, "sr_bicubic", etw=1.0, nw=1.0, per_step=True)
     kw = dict(operator=op, y=y, z=z, solver="quasi_newton", max_iter=4, form="step")
     with pytest.raises(ValueError, match="noise"):
-        sample_deq(MODEL, coeffs, x_T, stop_mode="rel", **kw)
+        paper_deq(MODEL, coeffs, x_T, stop_mode="rel", **kw)
     for bad in ({"window": 0}, {"history_size": -1}, {"output_tol": -1.0}, {"prior_slope": 0.0}):
         with pytest.raises(ValueError):
-            sample_deq(MODEL, coeffs, x_T, stop_mode="noise", options=bad, **kw)
+            paper_deq(MODEL, coeffs, x_T, stop_mode="noise", options=bad, **kw)
     fmap = ChainMap(MODEL, coeffs, x_T, operator=op, y=y, z=z, form="cumsum")
     with pytest.raises(ValueError, match="step"):
         quasi_newton(fmap, fmap.initial_state(), stop_mode="noise")

@@ -42,10 +42,10 @@ Example:
     >>> from deqir.diffusion.chain import make_chain
     >>> from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
     >>> from deqir.deq.solvers import picard
-    >>> coeffs = make_chain(NoiseSchedule.create(), SamplingGrid.create(5))
+    >>> coeffs = make_chain(NoiseSchedule.create(), SamplingGrid.create(5), etw=0.0, nw=0.0)
     >>> model = lambda x, t: 0.5 * torch.tanh(x)                # any eps = model(x, t)
     >>> x_T = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
-    >>> fmap = ChainMap(model, coeffs, x_T)                      # built with autograd enabled
+    >>> fmap = ChainMap(model, coeffs, x_T, form="cumsum")        # built with autograd enabled
     >>> z_star, _ = picard(fmap, fmap.initial_state(), max_iter=5, tol=0.0)
     >>> states = attach_gradient(fmap, z_star, "ift")            # (1, 5, 3, 8, 8), value F(z*)
     >>> states[:, -1].square().sum().backward()                  # loss on x0

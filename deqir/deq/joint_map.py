@@ -90,7 +90,7 @@ class ChainMap:
         z: Tensor | None = None,
         max_batch: int | None = None,
         eps_evaluator: EpsEvaluator | None = None,
-        form: str = "cumsum",
+        form: str,
         clip_x0: bool = False,
         step_fn: ChainStep | None = None,
     ):

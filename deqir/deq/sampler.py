@@ -89,25 +89,27 @@ def sample_deq(
     operator: LinearOperator | None = None,
     y: Tensor | None = None,
     z: Tensor | None = None,
-    solver: str = "anderson",
-    max_iter: int = 15,
-    tol: float = 1e-3,
-    stop_mode: str = "rel",
+    solver: str,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
     options: dict[str, Any] | None = None,
-    init: str | Tensor = "x_T",
-    coarse_steps: int = 5,
+    init: str | Tensor,
+    coarse_steps: int | None = None,
     max_batch: int | None = None,
     eps_evaluator: EpsEvaluator | None = None,
     callback: Callable[[dict], None] | None = None,
-    form: str = "cumsum",
+    form: str,
     clip_x0: bool = False,
     step_fn=None,
 ) -> DEQResult:
     """Restore by solving the joint fixed point of the T-step chain (all timesteps in one batch per round).
 
+    The settings that ``conf/`` holds (solver, stopping rule, init, form) have no defaults here (docs/api.md).
+
     Args:
         model, coeffs, x_T, operator, y, z: as :class:`~deqir.deq.joint_map.ChainMap`.
-        solver: ``anderson`` | ``picard`` | ``sliding_window``; ``options`` its extra keywords
+        solver: ``anderson`` | ``picard`` | ``sliding_window`` | ``quasi_newton``; ``options`` its extra keywords
             (e.g. ``history_size``, ``lam``, ``beta``, ``mixing``, ``window``).
         max_iter, tol, stop_mode: stopping rule (rounds, relative/absolute residual).
         init: ``x_T`` (every slot = x_T, the paper), ``extrapolate`` (every step taken with the eps consistent
@@ -115,7 +117,8 @@ def sample_deq(
             ``surrogate`` (the chain run with a Gaussian prior's denoiser in place of the model, no model call:
             :meth:`~deqir.deq.joint_map.ChainMap.surrogate_state`; the prior is the solver's ``prior_slope`` /
             ``prior_variance`` when it has them),
-            ``coarse`` (:func:`coarse_warm_start` with ``min(coarse_steps, T)`` steps) or a (B, T, C, H, W)
+            ``coarse`` (:func:`coarse_warm_start` with ``min(coarse_steps, T)`` steps; ``coarse_steps`` is
+            required then and unused otherwise) or a (B, T, C, H, W)
             tensor of initial states (e.g. a neighbouring image's converged chain).
         max_batch: micro-batch size of the model calls (memory bound; results do not depend on it).
         eps_evaluator: replaces the model call (e.g. timestep-parallel evaluation across ranks).
@@ -142,6 +145,8 @@ def sample_deq(
     elif init == "coarse":
         # the warm start runs the model directly; route it through the evaluator when one is given
         m = model if eps_evaluator is None else eps_evaluator
+        if coarse_steps is None:
+            raise ValueError("init='coarse' needs coarse_steps (the warm start's number of steps)")
         steps = min(int(coarse_steps), len(coeffs))  # a warm start never needs more steps than the chain
         z0 = coarse_warm_start(m, coeffs, x_T, steps, operator=operator, y=y)
         init_nfe = x_T.shape[0] * steps

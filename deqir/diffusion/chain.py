@@ -55,8 +55,9 @@ class ChainCoefficients:
 def make_chain(
     schedule: NoiseSchedule,
     grid: SamplingGrid,
-    etw: float = 0.0,
-    nw: float = 0.0,
+    *,
+    etw: float,
+    nw: float,
     sigma_y_eff: float = 0.0,
     noise_aware: bool = True,
 ) -> ChainCoefficients:

@@ -26,7 +26,7 @@ def draw_chain_noise(
     shape: Sequence[int],
     num_steps: int,
     generators: Sequence[torch.Generator],
-    per_step_noise: bool = False,
+    per_step_noise: bool,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:

@@ -38,9 +38,9 @@ class SampleGridCallback(pl.Callback):
 def sample_ema_grid(pl_module, num_images: int, size: int, steps: int, seed: int) -> torch.Tensor:
     """(N, 3, size, size) images on [0, 1] sampled from ``pl_module.ema`` with deterministic DDIM."""
     sched = NoiseSchedule.create(**pl_module.schedule_config)
-    coeffs = make_chain(sched, SamplingGrid.create(steps, sched.num_steps))
+    coeffs = make_chain(sched, SamplingGrid.create(steps, sched.num_steps), etw=0.0, nw=0.0)  # deterministic DDIM
     gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(num_images)]
-    x_T, _ = draw_chain_noise((num_images, 3, size, size), steps, gens, device=pl_module.device)
+    x_T, _ = draw_chain_noise((num_images, 3, size, size), steps, gens, per_step_noise=False, device=pl_module.device)
     ema = pl_module.ema
     was_training = ema.training
     ema.eval()

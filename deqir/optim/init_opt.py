@@ -49,10 +49,10 @@ class SolveConfig:
         warm_start: start each solve from the previous step's states (official behaviour).
     """
 
-    solver: str = "anderson"
-    max_iter: int = 15
-    tol: float = 1e-3
-    stop_mode: str = "rel"
+    solver: str
+    max_iter: int
+    tol: float
+    stop_mode: str
     options: Mapping[str, Any] = field(default_factory=dict)
     warm_start: bool = True
 
@@ -149,19 +149,19 @@ def optimize_init(
     reference_kind: ReferenceKind = "lpips",
     lpips_net: str = "vgg",
     lpips_loss: nn.Module | None = None,
-    steps: int = 100,
-    lr: float = 1e-2,
+    steps: int,
+    lr: float,
     betas: tuple[float, float] = (0.9, 0.999),
     patience: int | None = None,
     min_improvement: float = 0.0,
     stop_below: float | None = None,
-    solve: SolveConfig | None = None,
+    solve: SolveConfig,
     gradient: DEQGradientConfig | None = None,
     init_states: Tensor | None = None,
     max_batch: int | None = None,
     eps_evaluator: EpsEvaluator | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
-    map_form: str = "cumsum",
+    map_form: str,
     clip_x0: bool = False,
 ) -> InitOptResult:
     """Optimise x_T per image through the DEQ equilibrium against a weighted per-image objective.
@@ -182,7 +182,7 @@ def optimize_init(
         patience: stop an image after this many evaluations without a decrease of its best objective
             by more than ``min_improvement`` (None: never).
         stop_below: stop an image once its objective is below this value (official: 0.1 with LPIPS).
-        solve: forward solver settings (default :class:`SolveConfig`).
+        solve: forward solver settings (:class:`SolveConfig`; `deqir.lit` builds it from `solver/`).
         gradient: gradient attachment (default IFT, :class:`~deqir.deq.grad.DEQGradientConfig`).
         init_states: (B, T, C, H, W) states for the first solve (default: every slot = x_T).
         max_batch, eps_evaluator: model micro-batching / replacement evaluator, as ``ChainMap``.
@@ -206,7 +206,6 @@ def optimize_init(
         raise ValueError(f"patience must be an integer >= 1 or None, got {patience!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    solve = solve or SolveConfig()
     gradient = gradient or DEQGradientConfig()
     terms = LossTerms(losses, operator=operator, y=y, reference=reference, ground_truth=ground_truth,
                       reference_kind=reference_kind, lpips_net=lpips_net, lpips_loss=lpips_loss)

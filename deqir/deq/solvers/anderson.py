@@ -26,7 +26,8 @@ Example:
     >>> import torch
     >>> A = 0.3 * torch.eye(4, dtype=torch.float64)
     >>> f = lambda z: z @ A + 1.0
-    >>> z, stats = anderson(f, torch.zeros(2, 3, 4, dtype=torch.float64), tol=1e-10, lam_mode="relative")
+    >>> z, stats = anderson(f, torch.zeros(2, 3, 4, dtype=torch.float64), max_iter=15, tol=1e-10,
+    ...                     lam_mode="relative")
     >>> round(float(z[0, 0, 0]), 6), stats.status   # fixed point 1 / (1 - 0.3)
     (1.428571, 'converged')
 """
@@ -114,7 +115,7 @@ def anderson(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
     *,
-    max_iter: int = 15,
+    max_iter: int,
     tol: float = 1e-3,
     stop_mode: StopMode = "rel",
     history_size: int = 5,
@@ -128,8 +129,8 @@ def anderson(
 ) -> tuple[Tensor, SolverStats]:
     """Solve z = f(z) by type-II Anderson acceleration, per image, without autograd.
 
-    Defaults are the official DeqIR sampler's values (m = 5, lam = 1e-3, beta = 1, 15 evaluations,
-    relative tolerance 1e-3; docs/solvers.md), except that the best iterate is kept and f of it returned.
+    Defaults are the official DeqIR sampler's values (m = 5, lam = 1e-3, beta = 1, relative tolerance 1e-3;
+    it runs 15 evaluations; docs/solvers.md), except that the best iterate is kept and f of it returned.
 
     Args:
         f: the map, (B, S, *rest) -> (B, S, *rest), same dtype.

@@ -42,7 +42,7 @@ def picard(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
     *,
-    max_iter: int = 50,
+    max_iter: int,
     tol: float = 1e-3,
     stop_mode: StopMode = "rel",
     beta: float = 1.0,

@@ -41,7 +41,7 @@ def sliding_window(
     max_iter: int | None = None,
     tol: float = 1e-3,
     stop_mode: StopMode = "rel",
-    window: int | None = None,
+    window: int | None,
     callback: Callback | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Solve z = f(z) for a triangular map by Picard iteration over a sliding window, without autograd.
