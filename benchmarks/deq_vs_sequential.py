@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, peak_memory, print_table, sync, write_json
-from deqir.datasets.photos import load_rgb
+from deqir.datasets.images import read_image_uint8
 from deqir.deq.sampler import sample_deq
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
@@ -88,7 +88,7 @@ def sample_images(size: int, n: int) -> torch.Tensor:
 
     imgs = []
     for p in sorted((ROOT / "data/samples").glob("*.png"))[:n]:
-        im = Image.fromarray(load_rgb(p)).resize((size, size), Image.BICUBIC)
+        im = Image.fromarray(read_image_uint8(p)).resize((size, size), Image.BICUBIC)
         imgs.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1)
     return torch.stack(imgs)
 

@@ -257,10 +257,25 @@ def test_pixel_limit_refuses_before_decoding_and_shrinks_jpegs(tmp_path, monkeyp
     save_image(tmp_path / "big.png", np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match=r"big\.png is 64x64 .* more than the 0\.0015 MP"):
         read_image(tmp_path / "big.png")
-    from deqir.datasets.photos import load_rgb  # reference images (optimize.reference_path) too
+    from deqir.lit.builders import load_reference  # reference images (optimize.reference_path) too
 
     with pytest.raises(ValueError, match=r"big\.png is 64x64"):
-        load_rgb(tmp_path / "big.png")
+        load_reference(str(tmp_path / "big.png"), (3, 32, 32))
+
+
+def test_training_photos_are_read_by_the_one_reader(tmp_path):
+    """train.py's folder photos go through read_image: 8-bit files come back exactly, transparency is refused."""
+    from deqir.datasets.photos import load_folder_photos
+
+    img = (np.random.default_rng(1).random((30, 40, 3)) * 255).astype(np.uint8)
+    save_image(tmp_path / "ok" / "a.png", img)
+    [(name, arr)] = load_folder_photos(tmp_path / "ok")
+    assert name == "a" and arr.dtype == np.uint8 and np.array_equal(arr, img)
+    assert load_folder_photos(tmp_path / "ok", max_side=20)[0][1].shape == (15, 20, 3)
+    rgba = np.concatenate([img, np.full((30, 40, 1), 128, np.uint8)], axis=2)
+    save_image(tmp_path / "alpha" / "b.png", rgba)
+    with pytest.raises(ValueError, match="transparent"):
+        load_folder_photos(tmp_path / "alpha")
 
 
 def test_read_only_or_impossible_run_directory_is_one_line(tmp_path):

@@ -80,6 +80,18 @@ def read_image(path: str | Path, mode: ColorMode = "rgb", max_pixels: int | None
     return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
 
 
+def read_image_uint8(path: str | Path, max_side: int | None = None) -> np.ndarray:
+    """:func:`read_image` as uint8 (H, W, 3) RGB (8-bit images come back exactly as stored), optionally
+    shrunk (bicubic) so that its longer side is at most ``max_side``. The training photos are read with it."""
+    arr = (read_image(path) * 255.0).round().astype(np.uint8)
+    if max_side is None or max(arr.shape[:2]) <= max_side:
+        return arr
+    im = Image.fromarray(arr)
+    s = max_side / max(im.size)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
 def _open(path: Path) -> Image.Image:
     """``Image.open`` without PIL's decompression-bomb warning (the pixel limit is checked separately)."""
     with warnings.catch_warnings():

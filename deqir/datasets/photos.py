@@ -1,5 +1,7 @@
 """Training photos for the embedded default prior, and a random multi-scale patch dataset.
 
+Image files are read by :func:`deqir.datasets.images.read_image` (the one reader of the package).
+
 Sources (licences in ``data/README.md``): colour photos inside the scikit-image and scikit-learn wheels
 and, when the Debian package ``lomiri-wallpapers-16.04`` is installed, its 13 photographs. The demo /
 evaluation images (chelsea, coffee, astronaut) are never used for training.
@@ -11,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
-from deqir.datasets.decode import ImageReadError, fit_pixel_limit, max_pixels
+from deqir.datasets.images import IMAGE_SUFFIXES, read_image_uint8
 
 SKIMAGE_TRAIN = ("rocket", "hubble_deep_field", "retina", "immunohistochemistry")
 SKLEARN_TRAIN = ("china.jpg", "flower.jpg")
@@ -28,7 +30,6 @@ LOMIRI_PHOTOS = (
     "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
     "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg",
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
 def load_default_photos(lomiri: str = "auto") -> list[tuple[str, np.ndarray]]:
@@ -49,33 +50,8 @@ def load_default_photos(lomiri: str = "auto") -> list[tuple[str, np.ndarray]]:
     if lomiri == "require" and len(present) != len(LOMIRI_PHOTOS):
         raise FileNotFoundError("lomiri wallpapers missing: apt-get install -y lomiri-wallpapers-16.04")
     if lomiri != "off":
-        photos += [(p.stem, load_rgb(p, max_side=1024)) for p in present]
+        photos += [(p.stem, read_image_uint8(p, max_side=1024)) for p in present]
     return photos
-
-
-def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
-    """Read an image file as uint8 HxWx3 RGB (upright by EXIF, grayscale replicated, alpha dropped, 16-bit scaled)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as raw:
-            fit_pixel_limit(raw, path, max_pixels())
-            im = ImageOps.exif_transpose(raw)
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                arr = (arr / max(arr.max(), 1.0) * 255.0).round().astype(np.uint8)
-                im = Image.fromarray(arr)
-            im = im.convert("RGB")
-            if max_side is not None and max(im.size) > max_side:
-                s = max_side / max(im.size)
-                im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except ImageReadError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e} (is it a valid PNG/JPEG file?)") from None
 
 
 def load_folder_photos(folder: str | Path, max_side: int = 1024) -> list[tuple[str, np.ndarray]]:
@@ -85,7 +61,7 @@ def load_folder_photos(folder: str | Path, max_side: int = 1024) -> list[tuple[s
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    return [(p.stem, load_rgb(p, max_side=max_side)) for p in files]
+    return [(p.stem, read_image_uint8(p, max_side=max_side)) for p in files]
 
 
 def build_pyramid(photos: Sequence[tuple[str, np.ndarray]], scales: Sequence[float], min_side: int) -> list[np.ndarray]:

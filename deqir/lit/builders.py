@@ -232,10 +232,9 @@ def optimization_kwargs(mode: str, plain: dict[str, Any], shape: tuple[int, int,
 
 def load_reference(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
     """A reference image (any format PIL reads) centre-cropped and resized to ``shape``: (1, C, H, W) on [-1, 1]."""
-    from deqir.datasets.photos import load_rgb
+    from deqir.datasets.images import read_image, to_tensor
 
-    arr = load_rgb(path)
-    img = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 255.0
+    img = to_tensor(read_image(path))[None]
     h, w = img.shape[-2:]
     s = min(h, w)
     img = img[..., (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
