@@ -54,3 +54,17 @@ def test_init_opt_demo_keeps_the_measurement(tmp_path):
     (row,) = data["rows"]
     assert row["loss_after"] <= row["loss_before"]
     assert row["consistency_after"] < 1e-3  # only the null space (colour) moves
+
+
+@pytest.mark.slow
+def test_samples_generate_benchmark(tmp_path):
+    data = run_bench("samples_generate.py", ["--tasks", "inpaint_random", "--K", "2", "--images", "1", "--T", "4",
+                                             "--num-images", "2", "--size", "32", "--solvers", "sequential", "picard",
+                                             "--override", "model=tiny_ddpm", "eval=fast", "model_dtype=model",
+                                             "solver.max_iter=4", "solver.tol=0"],
+                     tmp_path / "s.json")
+    (div,) = data["diversity"]
+    assert div["K"] == 2 and div["psnr_of_mean"] is not None and div["sample_std"] > 0 and div["nfe"] == 2 * 4
+    gen = {r["sampler"]: r for r in data["generation"]}
+    assert gen["sequential"]["psnr_to_seq"] == 100 and gen["picard"]["rounds"] == 4
+    assert gen["picard"]["psnr_to_seq"] > 60  # Picard with T rounds is the sequential chain
