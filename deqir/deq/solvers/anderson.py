@@ -111,6 +111,53 @@ def anderson_weights(G: Tensor, lam: float, lam_mode: LamMode = "absolute") -> t
     return alpha, ok
 
 
+def _check_options(history_size: int, lam: float, lam_mode: str, beta: float, mixing: str, return_value: str,
+                   select: str) -> None:
+    """ValueError (listing the valid values) for an invalid Anderson option."""
+    if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
+        raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
+    if not (lam >= 0.0) or lam == float("inf"):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (0.0 < beta <= 1.0):
+        raise ValueError(f"beta must be in (0, 1], got {beta!r}")
+    check_choice("lam_mode", lam_mode, LAM_MODES)
+    check_choice("mixing", mixing, MIXINGS)
+    check_choice("return_value", return_value, RETURN_VALUES)
+    check_choice("select", select, SELECTS)
+
+
+def _mixed_iterate(X_hist: Tensor, F_hist: Tensor, i: int, n: int, lam: float, lam_mode: LamMode,
+                   beta: float) -> tuple[Tensor, Tensor]:
+    """The next iterate of every mixing problem from the first ``n`` history pairs (newest at ``i``).
+
+    Returns ``(x_new, ok)``: x_new (P, D), and ok (P,) False where the mixing fell back to the damped Picard
+    step from the newest pair (a singular system or a non-finite extrapolation).
+    """
+    P = X_hist.shape[0]
+    # 1. Mixing weights (Walker & Ni): alpha = 1 with one pair, i.e. X^(1) = F^(0) for beta = 1.
+    if n == 1:
+        alpha = torch.ones(P, 1, dtype=torch.float64, device=X_hist.device)
+        ok = torch.ones(P, dtype=torch.bool, device=X_hist.device)
+    else:
+        alpha, ok = anderson_weights(F_hist[:, :n] - X_hist[:, :n], lam, lam_mode)
+    # 2. Fallback: a failed system takes the damped Picard step from the newest pair.
+    newest = torch.zeros_like(alpha)
+    newest[:, i] = 1.0
+    alpha = torch.where(ok[:, None], alpha, newest).to(X_hist.dtype)
+
+    # 3. X^(k+1) = beta sum alpha F + (1 - beta) sum alpha X.
+    x_new = torch.einsum("pn,pnd->pd", alpha, F_hist[:, :n])
+    if beta != 1.0:
+        x_new = beta * x_new + (1.0 - beta) * torch.einsum("pn,pnd->pd", alpha, X_hist[:, :n])
+    # A finite system can still extrapolate to inf/NaN in float32: fall back for those too.
+    finite_new = torch.isfinite(x_new).all(dim=1)
+    if not bool(finite_new.all()):
+        picard_step = beta * F_hist[:, i] + (1.0 - beta) * X_hist[:, i]
+        x_new = torch.where(finite_new[:, None], x_new, picard_step)
+        ok = ok & finite_new
+    return x_new, ok
+
+
 def anderson(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
@@ -161,16 +208,7 @@ def anderson(
     """
     check_common(max_iter, tol, stop_mode, callback)
     check_state(z0)
-    if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
-        raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
-    if not (lam >= 0.0) or lam == float("inf"):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (0.0 < beta <= 1.0):
-        raise ValueError(f"beta must be in (0, 1], got {beta!r}")
-    check_choice("lam_mode", lam_mode, LAM_MODES)
-    check_choice("mixing", mixing, MIXINGS)
-    check_choice("return_value", return_value, RETURN_VALUES)
-    check_choice("select", select, SELECTS)
+    _check_options(history_size, lam, lam_mode, beta, mixing, return_value, select)
 
     with torch.no_grad():
         B, S = z0.shape[0], z0.shape[1]
@@ -193,30 +231,7 @@ def anderson(
             i = k % m
             X_hist[:, i] = x.reshape(P, D)
             F_hist[:, i] = fx.reshape(P, D)
-            n = min(k + 1, m)
-
-            # 1. Mixing weights (Walker & Ni): alpha = 1 with one pair, i.e. X^(1) = F^(0) for beta = 1.
-            if n == 1:
-                alpha = torch.ones(P, 1, dtype=torch.float64, device=z0.device)
-                ok = torch.ones(P, dtype=torch.bool, device=z0.device)
-            else:
-                alpha, ok = anderson_weights(F_hist[:, :n] - X_hist[:, :n], lam, lam_mode)
-            # 2. Fallback: a failed system takes the damped Picard step from the newest pair.
-            newest = torch.zeros_like(alpha)
-            newest[:, i] = 1.0
-            alpha = torch.where(ok[:, None], alpha, newest).to(z0.dtype)
-
-            # 3. X^(k+1) = beta sum alpha F + (1 - beta) sum alpha X.
-            x_new = torch.einsum("pn,pnd->pd", alpha, F_hist[:, :n])
-            if beta != 1.0:
-                x_new = beta * x_new + (1.0 - beta) * torch.einsum("pn,pnd->pd", alpha, X_hist[:, :n])
-            # A finite system can still extrapolate to inf/NaN in float32: fall back for those too.
-            finite_new = torch.isfinite(x_new).all(dim=1)
-            if not bool(finite_new.all()):
-                picard_step = beta * F_hist[:, i] + (1.0 - beta) * X_hist[:, i]
-                x_new = torch.where(finite_new[:, None], x_new, picard_step)
-                ok = ok & finite_new
-
+            x_new, ok = _mixed_iterate(X_hist, F_hist, i, min(k + 1, m), lam, lam_mode, beta)
             active_p = active if mixing == "image" else active.repeat_interleave(S)
             tracker.add_fallbacks((active_p & ~ok).view(B, -1).sum(dim=1))
             # Frozen images (converged / non-finite) keep their state.

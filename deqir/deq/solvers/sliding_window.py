@@ -65,21 +65,8 @@ def sliding_window(
         TypeError: if ``f`` is not a TriangularMap.
         ValueError: for invalid options, ``f.num_slots != S``, or outputs of the wrong shape.
     """
-    if not isinstance(f, TriangularMap):
-        raise TypeError(
-            "sliding_window needs a TriangularMap (num_slots, eval_eps(z, lo, hi), states(E), __call__); "
-            f"got {type(f).__name__}"
-        )
-    check_state(z0)
+    max_iter, window = _check(f, z0, max_iter, tol, stop_mode, window, callback)
     B, S = z0.shape[0], z0.shape[1]
-    if f.num_slots != S:
-        raise ValueError(f"map has num_slots={f.num_slots} but z0 has S={S} slots")
-    max_iter = S if max_iter is None else max_iter
-    check_common(max_iter, tol, stop_mode, callback)
-    window = S if window is None else window
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
-
     with torch.no_grad():
         dev = z0.device
         z = z0.detach().clone()
@@ -89,26 +76,14 @@ def sliding_window(
         image_rounds = torch.zeros(B, dtype=torch.long, device=dev)
         last_res = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
         last_round = torch.full((B,), -1, dtype=torch.long, device=dev)
-        traces: dict[str, list[Tensor]] = {"abs": [], "rel": [], "abs_slot": [], "rel_slot": []}
-        windows: list[tuple[int, int]] = []
+        traces = _Traces(B, S, dev)
         lo, nfe, rounds = 0, 0, 0
         while lo < S and rounds < max_iter:
             hi = min(S, lo + window)
             active = ~nonfinite & (prefix < S)
-            # 1. model outputs of the window slots only.
-            eps = f.eval_eps(z, lo, hi)
-            if not isinstance(eps, Tensor) or eps.shape[:2] != (B, hi - lo):
-                got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
-                raise ValueError(f"eval_eps(z, {lo}, {hi}) must return ({B}, {hi - lo}, ...), got {got}")
-            if E is None:
-                E = eps.new_zeros((B, S, *eps.shape[2:]))
-            E[:, lo:hi] = eps
-            # 2. explicit part for slots 0..hi-1; only the window's slots can have changed.
-            new = f.states(E[:, :hi])
-            if not isinstance(new, Tensor) or new.shape != z[:, :hi].shape or new.dtype != z.dtype:
-                got = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, Tensor) else type(new).__name__
-                raise ValueError(f"states(E) must return {tuple(z[:, :hi].shape)} {z.dtype}, got {got}")
-            new_w, old_w = new[:, lo:hi], z[:, lo:hi]
+            # 1.-2. model outputs of the window slots only, then the explicit part of slots 0..hi-1
+            E, new_w = _window_states(f, z, E, lo, hi)
+            old_w = z[:, lo:hi]
             # 3. per-slot change of the window (the fixed-point residual of those slots).
             res = residuals(old_w, new_w)
             finite = torch.isfinite(new_w.flatten(1)).all(dim=1) & torch.isfinite(res.abs)
@@ -124,13 +99,7 @@ def sliding_window(
             last_res = torch.where(write, r, last_res)
             last_round = torch.where(write, torch.full_like(last_round, rounds), last_round)
             image_rounds += active.long()
-            nan_slots = torch.full((B, S), math.nan, dtype=torch.float64, device=dev)
-            for key, per_image, per_slot in (("abs", res.abs, res.abs_slot), ("rel", res.rel, res.rel_slot)):
-                traces[key].append(torch.where(active, per_image, math.nan))
-                slot_row = nan_slots.clone()
-                slot_row[:, lo:hi] = torch.where(active[:, None], per_slot, math.nan)
-                traces[key + "_slot"].append(slot_row)
-            windows.append((lo, hi))
+            traces.add(res, active, lo, hi)
             nfe += B * (hi - lo)
             rounds += 1
 
@@ -140,38 +109,78 @@ def sliding_window(
             else:
                 lo = int(prefix[still].min())
             if callback is not None:
-                callback(
-                    {
-                        "round": rounds - 1,
-                        "abs_residual": res.abs,
-                        "rel_residual": res.rel,
-                        "nfe": nfe,
-                        "active": ~nonfinite & (prefix < S),
-                        "window": (windows[-1][0], hi),
-                        "prefix": prefix.clone(),
-                        "last_slot": z[:, -1],
-                    }
-                )
+                callback({"round": rounds - 1, "abs_residual": res.abs, "rel_residual": res.rel, "nfe": nfe,
+                          "active": ~nonfinite & (prefix < S), "window": (traces.windows[-1][0], hi),
+                          "prefix": prefix.clone(), "last_slot": z[:, -1]})
 
         converged = ~nonfinite & (prefix >= S)
         image_status, status = overall_status(converged, nonfinite)
         stats = SolverStats(
-            solver="sliding_window",
-            stop_mode=stop_mode,
-            tol=float(tol),
-            rounds=rounds,
-            nfe=nfe,
-            abs_trace=torch.stack(traces["abs"]),
-            rel_trace=torch.stack(traces["rel"]),
-            abs_slot_trace=torch.stack(traces["abs_slot"]),
-            rel_slot_trace=torch.stack(traces["rel_slot"]),
-            converged=converged,
-            image_status=image_status,
-            status=status,
-            image_rounds=image_rounds,
-            best_residual=last_res,
-            best_round=last_round,
+            solver="sliding_window", stop_mode=stop_mode, tol=float(tol), rounds=rounds, nfe=nfe,
+            **traces.stacked(), converged=converged, image_status=image_status, status=status,
+            image_rounds=image_rounds, best_residual=last_res, best_round=last_round,
             fallback_trace=torch.zeros(rounds, B, dtype=torch.long, device=dev),
-            window_trace=torch.tensor(windows, dtype=torch.long, device=dev).view(rounds, 2),
+            window_trace=torch.tensor(traces.windows, dtype=torch.long, device=dev).view(rounds, 2),
         )
         return z, stats
+
+
+def _check(f: TriangularMap, z0: Tensor, max_iter: int | None, tol: float, stop_mode: StopMode,
+           window: int | None, callback: Callback | None) -> tuple[int, int]:
+    """Validate the arguments; returns ``(max_iter, window)`` with None resolved to S."""
+    if not isinstance(f, TriangularMap):
+        raise TypeError(
+            "sliding_window needs a TriangularMap (num_slots, eval_eps(z, lo, hi), states(E), __call__); "
+            f"got {type(f).__name__}"
+        )
+    check_state(z0)
+    S = z0.shape[1]
+    if f.num_slots != S:
+        raise ValueError(f"map has num_slots={f.num_slots} but z0 has S={S} slots")
+    max_iter = S if max_iter is None else max_iter
+    check_common(max_iter, tol, stop_mode, callback)
+    window = S if window is None else window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
+    return max_iter, window
+
+
+def _window_states(f: TriangularMap, z: Tensor, E: Tensor | None, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Evaluate the model on slots [lo, hi) into the buffer E (created on first use), then the explicit
+    part of slots 0..hi-1; only the window's slots can have changed. Returns ``(E, new states of [lo, hi))``."""
+    B, S = z.shape[0], z.shape[1]
+    eps = f.eval_eps(z, lo, hi)
+    if not isinstance(eps, Tensor) or eps.shape[:2] != (B, hi - lo):
+        got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+        raise ValueError(f"eval_eps(z, {lo}, {hi}) must return ({B}, {hi - lo}, ...), got {got}")
+    if E is None:
+        E = eps.new_zeros((B, S, *eps.shape[2:]))
+    E[:, lo:hi] = eps
+    new = f.states(E[:, :hi])
+    if not isinstance(new, Tensor) or new.shape != z[:, :hi].shape or new.dtype != z.dtype:
+        got = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, Tensor) else type(new).__name__
+        raise ValueError(f"states(E) must return {tuple(z[:, :hi].shape)} {z.dtype}, got {got}")
+    return E, new[:, lo:hi]
+
+
+class _Traces:
+    """Per-round residual traces: per image (B,) and per slot (B, S), NaN outside the window / for frozen
+    images, plus the (lo, hi) window of every round."""
+
+    def __init__(self, B: int, S: int, device: torch.device):
+        self.B, self.S, self.device = B, S, device
+        self.rows: dict[str, list[Tensor]] = {"abs": [], "rel": [], "abs_slot": [], "rel_slot": []}
+        self.windows: list[tuple[int, int]] = []
+
+    def add(self, res, active: Tensor, lo: int, hi: int) -> None:
+        nan_slots = torch.full((self.B, self.S), math.nan, dtype=torch.float64, device=self.device)
+        for key, per_image, per_slot in (("abs", res.abs, res.abs_slot), ("rel", res.rel, res.rel_slot)):
+            self.rows[key].append(torch.where(active, per_image, math.nan))
+            slot_row = nan_slots.clone()
+            slot_row[:, lo:hi] = torch.where(active[:, None], per_slot, math.nan)
+            self.rows[key + "_slot"].append(slot_row)
+        self.windows.append((lo, hi))
+
+    def stacked(self) -> dict[str, Tensor]:
+        """``abs_trace``, ``rel_trace`` (rounds, B) and ``abs_slot_trace``, ``rel_slot_trace`` (rounds, B, S)."""
+        return {f"{key}_trace": torch.stack(rows) for key, rows in self.rows.items()}
