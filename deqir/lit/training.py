@@ -21,7 +21,8 @@ class DiffusionTrainingModule(pl.LightningModule):
         arch, model_config: architecture name and constructor kwargs (see :func:`build_model`).
         schedule: ``{"name", "num_steps", "beta_start", "beta_end"}``.
         lr, weight_decay, betas: AdamW. ``warmup_steps``: linear LR warm-up.
-        ema_decay: EMA decay (with the usual (1 + n) / (10 + n) warm-up).
+        ema_decay: EMA decay (with the usual (1 + n) / (10 + n) warm-up; why not Lightning's EMA callback:
+            docs/models.md "Loading").
     """
 
     def __init__(
