@@ -107,7 +107,7 @@ def run(args) -> list[dict]:
             # composed as the app does: defaults, the task's presets, then the overrides
             over = [*cli, *([f"chain={chain}"] if chain else [])]
             try:
-                r = restore_with_chain(model, task, x, T, over, device)
+                r = restore_with_chain(model, task, x, T, over, device, samplers=args.samplers)
             except ValueError as err:  # e.g. DDRM on an operator without an SVD
                 print(f"skip {chain} / {task}: {err}", flush=True)
                 continue
@@ -115,15 +115,22 @@ def run(args) -> list[dict]:
             target = to_unit(x)
             row = {"chain": st.chain, "task": task, "sigma_y": r["sigma_y"], "etw": r["sampler"]["etw"],
                    "clip_x0": bool(st.chain_params.get("clip_x0", st.clip_x0)), "solver": st.solver}
-            for label, img in (("base", op.A_pinv(y)), ("seq", r["seq"]), ("deq", r["deq"])):
+            for label, img in (("base", op.A_pinv(y)), ("seq", r.get("seq")), ("deq", r.get("deq"))):
+                if img is None:
+                    continue
                 m = suite.compute(to_unit(img), target)
                 for k, v in m.items():
                     row[f"{k}_{label}"] = float(v.mean())
                 row[f"consistency_{label}"] = float((op.A(img) - y).flatten(1).norm(dim=1).mean() / 2)
             per_eval = 2 if r["vjp"] else 1
-            row.update(psnr_deq_seq=psnr(r["deq"], r["seq"]), rounds=r["deq_stats"].rounds,
-                       work_deq=per_eval * r["deq_nfe"] / B, work_seq=per_eval * T, s_per_img_deq=r["t_deq"] / B,
-                       s_per_img_seq=r["t_seq"] / B)
+            row.update(work_seq=per_eval * T)
+            if "seq" in r:
+                row.update(s_per_img_seq=r["t_seq"] / B)
+            if "deq" in r:
+                row.update(rounds=r["deq_stats"].rounds, work_deq=per_eval * r["deq_nfe"] / B,
+                           s_per_img_deq=r["t_deq"] / B)
+            if "seq" in r and "deq" in r:
+                row.update(psnr_deq_seq=psnr(r["deq"], r["seq"]))
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows, note
@@ -137,6 +144,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--T", type=int, default=25)
+    ap.add_argument("--samplers", nargs="+", choices=("seq", "deq"), default=["seq", "deq"],
+                    help="which samplers to run (seq alone: a chain x task grid at large T without the DEQ)")
     ap.add_argument("--etw", type=float, default=None, help="override conf/sampler/deq.yaml")
     ap.add_argument("--nw", type=float, default=None, help="override conf/sampler/deq.yaml")
     ap.add_argument("--override", nargs="*", default=None, metavar="KEY=VALUE",

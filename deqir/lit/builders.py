@@ -216,8 +216,11 @@ def optimization_kwargs(mode: str, plain: dict[str, Any], shape: tuple[int, int,
     if mode == "restore":
         return {}
     chain = str((plain.get("chain") or {}).get("name", "ddnm"))
-    if chain != "ddnm":
-        raise ValueError(f"mode={mode} optimises through the DDNM chain only; got chain={chain} (use chain=ddnm)")
+    if mode == "invert" and chain != "ddnm":
+        raise ValueError(f"mode={mode} inverts through the DDNM chain only; got chain={chain} (use chain=ddnm)")
+    from deqir.optim.init_opt import check_optimizable
+
+    check_optimizable(chain)  # mode=optimize_init: ddnm, ddrm, diffpir (docs/chains.md)
     from deqir.deq.grad import DEQGradientConfig
     from deqir.lit.optimization import OptimizationSettings
 

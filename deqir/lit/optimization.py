@@ -95,6 +95,7 @@ class InitOptimizationModule(RestorationModule):
             patience=opt.patience, min_improvement=opt.min_improvement, stop_below=opt.stop_below,
             solve=self.solve_config(), gradient=self.gradient, max_batch=self.chain.max_batch,
             callback=self._progress(p), map_form=self.chain.form, clip_x0=self.chain.clip_x0,
+            chain=self.chain.chain, chain_params=self.chain.chain_params, sigma_y=self.sigma_y,
         )
         return self.to_restored(res)
 

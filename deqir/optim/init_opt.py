@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deqir.chains import make_step
 from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.protocols import EpsModel, LinearOperator
 from deqir.deq.grad import DEQGradientConfig
@@ -32,7 +33,22 @@ from deqir.deq.joint_map import ChainMap, EpsEvaluator
 from deqir.deq.solvers import get_solver, solver_options
 from deqir.optim.losses import LossTerms, ReferenceKind
 
-__all__ = ["SolveConfig", "InitOptResult", "optimize_init", "STOP_REASONS"]
+__all__ = ["SolveConfig", "InitOptResult", "optimize_init", "STOP_REASONS", "OPTIMIZABLE_CHAINS",
+           "check_optimizable"]
+
+#: Chains whose equilibrium x_T can be optimised through. PiGDM and DPS take a VJP through the model inside
+#: their step on a detached copy of its input, so the IFT adjoint would miss their second-order term (it
+#: needs double backward through the eps-model); they are refused (docs/gradients.md).
+OPTIMIZABLE_CHAINS = ("ddnm", "ddrm", "diffpir")
+
+
+def check_optimizable(chain: str) -> None:
+    """ValueError unless x_T can be optimised through ``chain`` (:data:`OPTIMIZABLE_CHAINS`)."""
+    if chain not in OPTIMIZABLE_CHAINS:
+        raise ValueError(
+            f"optimising x_T through chain {chain!r} is not supported; supported: {', '.join(OPTIMIZABLE_CHAINS)} "
+            "(pigdm and dps take a vector-Jacobian product through the model in every step, so exact IFT "
+            "gradients would need double backward through the eps-model; see docs/gradients.md)")
 
 #: Per-image ``InitOptResult.status`` values.
 STOP_REASONS = ("max_steps", "stop_below", "patience", "nonfinite")
@@ -163,6 +179,9 @@ def optimize_init(
     callback: Callable[[dict[str, Any]], None] | None = None,
     map_form: str,
     clip_x0: bool = False,
+    chain: str = "ddnm",
+    chain_params: Mapping[str, Any] | None = None,
+    sigma_y: float = 0.0,
 ) -> InitOptResult:
     """Optimise x_T per image through the DEQ equilibrium against a weighted per-image objective.
 
@@ -187,6 +206,9 @@ def optimize_init(
         init_states: (B, T, C, H, W) states for the first solve (default: every slot = x_T).
         max_batch, eps_evaluator: model micro-batching / replacement evaluator, as ``ChainMap``.
         map_form, clip_x0: the joint map's form (``cumsum`` | ``step``) and x0 clipping, as ``ChainMap``.
+        chain, chain_params, sigma_y: the restoration chain (:mod:`deqir.chains`; ``ddnm``, ``ddrm``,
+            ``diffpir``: :data:`OPTIMIZABLE_CHAINS`), its parameters and the measurement noise std on [0, 1];
+            chains other than ddnm are solved in the step form (docs/chains.md).
         callback: called after every evaluation with the history entry plus ``"x0"`` ((B', C, H, W) of the
             active images) and ``"index"`` (their batch indices).
 
@@ -217,6 +239,9 @@ def optimize_init(
         if t is not None and tuple(t.shape) != tuple(x_T0.shape):
             raise ValueError(f"{name} must have the shape of x_T0 {tuple(x_T0.shape)}, got {tuple(t.shape)}")
     solver_fn = get_solver(solve.solver)
+    check_optimizable(chain)
+    if chain != "ddnm" and map_form != "step":
+        raise ValueError(f"chain {chain!r} is solved in the map's step form: pass map_form='step'")
 
     x_T = x_T0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x_T], lr=lr, betas=betas)
@@ -236,8 +261,11 @@ def optimize_init(
         with torch.enable_grad():
             xa = sub(x_T)
             # 1. the map, differentiable in x_T (its constants hold the x_T graph)
+            step_fn = None if chain == "ddnm" else make_step(
+                chain, coeffs, operator=operator, y=sub(y), z=sub(z), sigma_y=sigma_y,
+                **{"clip_x0": clip_x0, **dict(chain_params or {})})
             fmap = ChainMap(model, coeffs, xa, operator=operator, y=sub(y), z=sub(z), max_batch=max_batch,
-                            eps_evaluator=eps_evaluator, form=map_form, clip_x0=clip_x0)
+                            eps_evaluator=eps_evaluator, form=map_form, clip_x0=clip_x0, step_fn=step_fn)
             # 2. forward solve without autograd, warm-started
             z0 = sub(prev) if prev is not None else fmap.initial_state()
             z_star, stats = solver_fn(fmap, z0, max_iter=solve.max_iter, tol=solve.tol,
