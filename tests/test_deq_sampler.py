@@ -67,7 +67,7 @@ def test_picard_T_rounds_is_the_sequential_chain(task):
     assert res.stats.rounds == T
     assert (res.states - traj).abs().max() < 1e-6
     assert rel(res.x0, x0_seq) < 1e-9
-    if op is not None and task != "compose" or (task == "compose"):
+    if op is not None and y.numel():  # (generate measures nothing)
         # noiseless tasks: measurement consistency holds by construction (docs/solvers.md)
         assert (op.A(res.x0) - y).abs().max() < 1e-5
 
