@@ -219,44 +219,24 @@ def optimize_init(
         ValueError: invalid arguments (unknown loss names, missing inputs, bad shapes).
         RuntimeError: called under ``torch.inference_mode()``.
     """
-    if torch.is_inference_mode_enabled() or x_T0.is_inference():
-        raise RuntimeError("optimize_init needs autograd: call it outside torch.inference_mode() "
-                           "(with Lightning: Trainer(inference_mode=False)).")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be an integer >= 1 or None, got {patience!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
     gradient = gradient or DEQGradientConfig()
+    B, T = x_T0.shape[0], len(coeffs)
+    _check_arguments(x_T0, T, steps=steps, patience=patience, lr=lr, init_states=init_states, reference=reference,
+                     ground_truth=ground_truth, chain=chain, map_form=map_form)
     terms = LossTerms(losses, operator=operator, y=y, reference=reference, ground_truth=ground_truth,
                       reference_kind=reference_kind, lpips_net=lpips_net, lpips_loss=lpips_loss)
-    B, T = x_T0.shape[0], len(coeffs)
-    shape = (B, T, *x_T0.shape[1:])
-    if init_states is not None and tuple(init_states.shape) != shape:
-        raise ValueError(f"init_states must have shape {shape}, got {tuple(init_states.shape)}")
-    for name, t in (("reference", reference), ("ground_truth", ground_truth)):
-        if t is not None and tuple(t.shape) != tuple(x_T0.shape):
-            raise ValueError(f"{name} must have the shape of x_T0 {tuple(x_T0.shape)}, got {tuple(t.shape)}")
     solver_fn = get_solver(solve.solver)
-    check_optimizable(chain)
-    if chain != "ddnm" and map_form != "step":
-        raise ValueError(f"chain {chain!r} is solved in the map's step form: pass map_form='step'")
 
     x_T = x_T0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x_T], lr=lr, betas=betas)
     prev = None if init_states is None else init_states.detach().to(x_T.dtype)
-    best_loss = torch.full((B,), math.inf, dtype=torch.float64)
-    best_step = [0] * B
-    wait = torch.zeros(B, dtype=torch.long)
-    active = torch.ones(B, dtype=torch.bool)
-    status = ["max_steps"] * B
-    x_T_best, x0_best, states_best = x_T0.detach().clone(), None, None
+    best = _BestSoFar(x_T0)
     history: list[dict[str, Any]] = []
 
     for step in range(steps + 1):
-        idx = active.nonzero().squeeze(1)
-        sub = (lambda t: t) if bool(active.all()) else (lambda t: None if t is None else t[idx.to(t.device)])
+        idx = best.active.nonzero().squeeze(1)
+        everyone = bool(best.active.all())
+        sub = (lambda t: t) if everyone else (lambda t: None if t is None else t[idx.to(t.device)])
         info: dict[str, Any] = {}
         with torch.enable_grad():
             xa = sub(x_T)
@@ -274,60 +254,23 @@ def optimize_init(
             states = gradient.attach(fmap, z_star, on_backward=info.update)
             x0 = states[:, -1]
             # 4. per-image objective
-            vals = terms(x0, xa, None if bool(active.all()) else idx)
+            vals = terms(x0, xa, None if everyone else idx)
         total = vals["total"].detach().double().cpu()
-
-        attach_evals = {"ift": 1, "phantom": gradient.phantom_steps, "unroll": gradient.unroll_rounds}[gradient.mode]
-        entry: dict[str, Any] = {
-            "step": step,
-            "loss": _scatter(total, idx, B),
-            **{n: _scatter(vals[n], idx, B) for n in terms.names},
-            "active": active.tolist(),
-            "solver_rounds": int(stats.rounds),
-            "solver_residual": _scatter(stats.best_residual, idx, B),
-            "nfe": int(stats.nfe) + attach_evals * len(idx) * T,
-            "image_nfe": _scatter((stats.image_rounds.cpu() + attach_evals) * T, idx, B),
-            "adjoint_rounds": None,
-            "uses_oracle": terms.uses_oracle,
-        }
+        entry = _history_entry(step, idx, B, T, total, vals, terms, best.active, stats, gradient)
         if ground_truth is not None:
             entry["psnr"] = _scatter(torch.tensor(_psnr(x0, sub(ground_truth)), dtype=torch.float64), idx, B)
         history.append(entry)
 
         # 5. per-image best, early stopping (decided on this evaluation, before the update)
-        with torch.no_grad():
-            if step == 0:  # every image is active at step 0
-                states_best = states.detach().clone()
-                x0_best = states_best[:, -1].clone()
-            for k, i in enumerate(idx.tolist()):
-                v = float(total[k])
-                if not math.isfinite(v):
-                    active[i], status[i] = False, "nonfinite"
-                    continue
-                wait[i] = 0 if v < float(best_loss[i]) - min_improvement else wait[i] + 1
-                if v < float(best_loss[i]):
-                    best_loss[i], best_step[i] = v, step
-                    x_T_best[i] = x_T[i].detach()
-                    states_best[i] = states[k].detach()
-                    x0_best[i] = states[k, -1].detach()
-                if stop_below is not None and v < stop_below:
-                    active[i], status[i] = False, "stop_below"
-                elif patience is not None and int(wait[i]) >= patience:
-                    active[i], status[i] = False, "patience"
+        best.update(step, idx, total, x_T, states, min_improvement=min_improvement, stop_below=stop_below,
+                    patience=patience)
 
-        if step == steps or not bool(active.any()):
+        if step == steps or not bool(best.active.any()):
             if callback is not None:
                 callback({**entry, "x0": x0.detach(), "index": idx})
             break
-        # 6. Adam step. Images that stopped are restored afterwards (Adam's momentum would still move them).
-        keep = active[idx].to(vals["total"].device)
-        opt.zero_grad(set_to_none=True)
-        with torch.enable_grad():  # also when the caller runs under torch.no_grad()
-            torch.where(keep, vals["total"], torch.zeros_like(vals["total"])).sum().backward()
-        frozen = x_T.detach().clone()
-        opt.step()
-        with torch.no_grad():
-            x_T.copy_(torch.where(active.to(x_T.device).view(-1, *[1] * (x_T.ndim - 1)), x_T, frozen))
+        # 6. Adam step on the images still active
+        _adam_step(opt, x_T, vals["total"], best.active, idx)
         entry["adjoint_rounds"] = info.get("adjoint_rounds")
         if callback is not None:
             callback({**entry, "x0": x0.detach(), "index": idx})
@@ -337,7 +280,98 @@ def optimize_init(
         del fmap, states, x0, vals
 
     return InitOptResult(
-        x_T_best=x_T_best, x0_best=x0_best, states=states_best, x_T_init=x_T0.detach().clone(), history=history,
-        best_step=best_step, best_loss=best_loss.tolist(), status=status, uses_oracle=terms.uses_oracle,
+        x_T_best=best.x_T, x0_best=best.x0, states=best.states, x_T_init=x_T0.detach().clone(), history=history,
+        best_step=best.step, best_loss=best.loss.tolist(), status=best.status, uses_oracle=terms.uses_oracle,
         loss_weights=dict(terms.weights),
     )
+
+
+def _check_arguments(x_T0: Tensor, T: int, *, steps: int, patience: int | None, lr: float,
+                     init_states: Tensor | None, reference: Tensor | None, ground_truth: Tensor | None, chain: str,
+                     map_form: str) -> None:
+    """RuntimeError under inference mode; ValueError (one line) for an invalid argument."""
+    if torch.is_inference_mode_enabled() or x_T0.is_inference():
+        raise RuntimeError("optimize_init needs autograd: call it outside torch.inference_mode() "
+                           "(with Lightning: Trainer(inference_mode=False)).")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be an integer >= 1 or None, got {patience!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    shape = (x_T0.shape[0], T, *x_T0.shape[1:])
+    if init_states is not None and tuple(init_states.shape) != shape:
+        raise ValueError(f"init_states must have shape {shape}, got {tuple(init_states.shape)}")
+    for name, t in (("reference", reference), ("ground_truth", ground_truth)):
+        if t is not None and tuple(t.shape) != tuple(x_T0.shape):
+            raise ValueError(f"{name} must have the shape of x_T0 {tuple(x_T0.shape)}, got {tuple(t.shape)}")
+    check_optimizable(chain)
+    if chain != "ddnm" and map_form != "step":
+        raise ValueError(f"chain {chain!r} is solved in the map's step form: pass map_form='step'")
+
+
+def _history_entry(step: int, idx: Tensor, B: int, T: int, total: Tensor, vals: dict[str, Tensor],
+                   terms: LossTerms, active: Tensor, stats, gradient: DEQGradientConfig) -> dict[str, Any]:
+    """One evaluation's :attr:`InitOptResult.history` entry (per-image lists, NaN for stopped images)."""
+    attach_evals = {"ift": 1, "phantom": gradient.phantom_steps, "unroll": gradient.unroll_rounds}[gradient.mode]
+    return {
+        "step": step,
+        "loss": _scatter(total, idx, B),
+        **{n: _scatter(vals[n], idx, B) for n in terms.names},
+        "active": active.tolist(),
+        "solver_rounds": int(stats.rounds),
+        "solver_residual": _scatter(stats.best_residual, idx, B),
+        "nfe": int(stats.nfe) + attach_evals * len(idx) * T,
+        "image_nfe": _scatter((stats.image_rounds.cpu() + attach_evals) * T, idx, B),
+        "adjoint_rounds": None,
+        "uses_oracle": terms.uses_oracle,
+    }
+
+
+class _BestSoFar:
+    """Per image: the lowest objective so far with its step, x_T, states and x0; early-stopping state."""
+
+    def __init__(self, x_T0: Tensor):
+        B = x_T0.shape[0]
+        self.loss = torch.full((B,), math.inf, dtype=torch.float64)
+        self.step = [0] * B
+        self.wait = torch.zeros(B, dtype=torch.long)
+        self.active = torch.ones(B, dtype=torch.bool)
+        self.status = ["max_steps"] * B
+        self.x_T, self.x0, self.states = x_T0.detach().clone(), None, None
+
+    @torch.no_grad()
+    def update(self, step: int, idx: Tensor, total: Tensor, x_T: Tensor, states: Tensor, *, min_improvement: float,
+               stop_below: float | None, patience: int | None) -> None:
+        """Record evaluation ``step`` of the active images ``idx`` (objective ``total``, their ``states``)."""
+        if step == 0:  # every image is active at step 0
+            self.states = states.detach().clone()
+            self.x0 = self.states[:, -1].clone()
+        for k, i in enumerate(idx.tolist()):
+            v = float(total[k])
+            if not math.isfinite(v):
+                self.active[i], self.status[i] = False, "nonfinite"
+                continue
+            self.wait[i] = 0 if v < float(self.loss[i]) - min_improvement else self.wait[i] + 1
+            if v < float(self.loss[i]):
+                self.loss[i], self.step[i] = v, step
+                self.x_T[i] = x_T[i].detach()
+                self.states[i] = states[k].detach()
+                self.x0[i] = states[k, -1].detach()
+            if stop_below is not None and v < stop_below:
+                self.active[i], self.status[i] = False, "stop_below"
+            elif patience is not None and int(self.wait[i]) >= patience:
+                self.active[i], self.status[i] = False, "patience"
+
+
+def _adam_step(opt: torch.optim.Optimizer, x_T: Tensor, total: Tensor, active: Tensor, idx: Tensor) -> None:
+    """One Adam update of the images still active; images that stopped are restored afterwards (Adam's
+    momentum would still move them)."""
+    keep = active[idx].to(total.device)
+    opt.zero_grad(set_to_none=True)
+    with torch.enable_grad():  # also when the caller runs under torch.no_grad()
+        torch.where(keep, total, torch.zeros_like(total)).sum().backward()
+    frozen = x_T.detach().clone()
+    opt.step()
+    with torch.no_grad():
+        x_T.copy_(torch.where(active.to(x_T.device).view(-1, *[1] * (x_T.ndim - 1)), x_T, frozen))
