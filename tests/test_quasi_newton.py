@@ -162,3 +162,27 @@ def test_app_solver_auto_reports_its_choice_and_quasi_newton_matches_sequential(
     for png in sorted((tmp_path / "seq" / "images").glob("*.png")):
         diff = pixels(png).astype(int) - pixels(tmp_path / "qn" / "images" / png.name).astype(int)
         assert abs(diff).max() <= 1
+
+
+def test_deterministic_chains_use_the_deterministic_tolerance():
+    """A chain without fresh noise (DDIM eta = 0) cannot hide accepted errors under noise: quasi_newton then
+    solves with ``deterministic_tol`` (the same result as passing it as ``tol``); stochastic chains use ``tol``."""
+    from deqir.chains import make_step
+
+    T = 8
+    for nw, fresh in ((0.0, False), (1.0, True)):
+        coeffs, x_T, z, op, y = problem(T, "sr_bicubic", etw=1.0, nw=nw, per_step=True)
+        fmap = ChainMap(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, form="step")
+        assert fmap.fresh_noise is fresh
+        z0 = x_T[:, None].expand(-1, T, -1, -1, -1).clone()
+        a, sa = quasi_newton(fmap, z0, tol=0.3, deterministic_tol=0.01)
+        b, sb = quasi_newton(fmap, z0, tol=0.3 if fresh else 0.01, deterministic_tol=0.3 if fresh else 0.01)
+        assert torch.equal(a, b) and sa.rounds == sb.rounds
+    coeffs, x_T, z, op, y = problem(T, "sr_bicubic", etw=1.0, nw=1.0, per_step=True)
+    flags = {name: make_step(name, coeffs, operator=op, y=y, z=z, **kw).fresh_noise for name, kw in (
+        ("ddrm", {"eta": 0.0}), ("diffpir", {"zeta": 0.0}), ("diffpir", {"zeta": 0.3}), ("pigdm", {"eta": 0.0}),
+        ("dps", {"eta": 0.5}))}
+    assert flags == {"ddrm": True, "diffpir": True, "pigdm": False, "dps": True}  # (diffpir: the last one, 0.3)
+    assert make_step("diffpir", coeffs, operator=op, y=y, z=z, zeta=0.0).fresh_noise is False
+    with pytest.raises(ValueError, match="deterministic_tol"):
+        quasi_newton(fmap, z0, deterministic_tol=-1.0)

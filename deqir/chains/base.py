@@ -72,6 +72,12 @@ class ChainStep:
     name = "base"
     needs_vjp = False
 
+    @property
+    def fresh_noise(self) -> bool:
+        """Whether the step adds fresh noise (a stochastic chain): errors far below that noise are invisible in
+        its result, which lets a solver accept them (docs/solvers.md). False unless a chain says otherwise."""
+        return False
+
     def __init__(self, coeffs: ChainCoefficients, *, operator=None, y: Tensor | None = None, z: Tensor | None = None,
                  sigma_y: float = 0.0, clip_x0: bool = False):
         if (operator is None) != (y is None):

@@ -26,6 +26,10 @@ class DDNMStep(ChainStep):
             pinv_y = operator.A_pinv(y)
         self.pinv_y = pinv_y
 
+    @property
+    def fresh_noise(self) -> bool:
+        return bool((self.coeffs.c1 > 0).any())
+
     def __call__(self, x: Tensor, eps: Tensor, lo: int, hi: int, vjp: Vjp | None = None) -> Tensor:
         co = self.coeffs
         a, a_next = self.scalars(lo, hi, x)

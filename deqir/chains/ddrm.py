@@ -14,6 +14,8 @@ Unlike the official code, x_T is plain noise (its initialisation mixes y_bar / s
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,12 @@ class DDRMStep(ChainStep):
         self.eta, self.eta_b = float(eta), float(eta_b)
         if operator is not None:
             self.svd()
+
+    @property
+    def fresh_noise(self) -> bool:
+        """eta > 0, or observed coordinates (re-noised every step, even at eta = 0)."""
+        observed = self.operator is not None and math.prod(self.operator.measurement_shape) > 0
+        return self.eta > 0 or observed
 
     def __call__(self, x: Tensor, eps: Tensor, lo: int, hi: int, vjp: Vjp | None = None) -> Tensor:
         a, a_next = self.scalars(lo, hi, x)

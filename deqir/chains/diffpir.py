@@ -34,6 +34,10 @@ class DiffPIRStep(ChainStep):
             raise ValueError(f"diffpir needs lam > 0 and zeta in [0, 1], got lam={lam}, zeta={zeta}")
         self.lam, self.zeta, self.cg_iter, self.cg_tol = float(lam), float(zeta), int(cg_iter), float(cg_tol)
 
+    @property
+    def fresh_noise(self) -> bool:
+        return self.zeta > 0
+
     def rho(self, a: Tensor) -> Tensor:
         """rho_j = lambda sigma_n^2 a / (1 - a), same shape as a."""
         return self.lam * max(self.sigma_y, SIGMA_FLOOR) ** 2 * a / (1 - a)

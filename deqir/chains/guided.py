@@ -43,6 +43,10 @@ class PiGDMStep(_Guided):
             raise ValueError(f"pigdm needs eta in [0, 1], got {eta}")
         self.weight, self.eta = float(weight), float(eta)
 
+    @property
+    def fresh_noise(self) -> bool:
+        return self.eta > 0
+
     def guidance_vector(self, x0: Tensor, a: Tensor) -> Tensor:
         """v (B, J, C, H, W): the pseudo-inverse residual r^2 A^T (r^2 A A^T + sigma_y^2)^{-1} (y - A x0_hat)."""
         op = self.operator
@@ -90,6 +94,10 @@ class DPSStep(_Guided):
             raise ValueError(f"dps needs zeta >= 0 (one value or one per step) and eta in [0, 1], got zeta={zeta}, "
                              f"eta={eta}")
         self.zeta, self.eta = zeta_t.expand(self.num_slots), float(eta)
+
+    @property
+    def fresh_noise(self) -> bool:
+        return self.eta > 0
 
     def residual_gradient(self, x: Tensor, eps: Tensor, a: Tensor, vjp: Vjp | None) -> Tensor:
         """grad_{x_j} |y - A x0_hat(x_j)| per slot (B, J, C, H, W) (through the clamp when clip_x0)."""

@@ -252,6 +252,12 @@ class ChainMap:
         return torch.sqrt(torch.clamp(1 - self.coeffs.a_next, min=0.0))
 
     @property
+    def fresh_noise(self) -> bool:
+        """Whether the chain's steps add fresh noise (``ChainStep.fresh_noise``): stochastic chains let a solver
+        accept errors far below that noise (deqir.deq.solvers.newton)."""
+        return bool(self.step_fn.fresh_noise)
+
+    @property
     def linearizable(self) -> bool:
         """Whether :meth:`linear_step` models this chain (the DDNM step; other chains sweep with M = 0)."""
         return self.form == "step" and self.step_fn.name == "ddnm"

@@ -19,7 +19,8 @@ correction (R_j = 0 there), a free fill-ahead in the spirit of ParaSolver's DDIM
 
 Freezing and stopping (ParaDiGMS-style noise-scaled tolerances, Shih et al. 2023). Slot j's change is
 judged against the noise the chain itself holds at that slot, sigma_j = sqrt(1 - a'_j):
-``RMS(D_j) <= max(tol sigma_j, output level)``. Slot lo is exact after the round (its input was exact), and
+``RMS(D_j) <= max(tol sigma_j, output level)``; a chain without fresh noise (deterministic DDIM, where
+nothing washes an accepted error out) uses ``deterministic_tol`` instead of ``tol``. Slot lo is exact after the round (its input was exact), and
 every following slot whose input barely moved is exact too, so the frontier ``lo`` (the converged prefix)
 advances by at least one slot per round and frozen slots are never evaluated again. An image stops when
 the prefix covers the chain, or when the output slot (x0) was evaluated, both its residual and its change are
@@ -52,6 +53,7 @@ def quasi_newton(
     *,
     max_iter: int | None = None,
     tol: float = 0.02,
+    deterministic_tol: float = 0.002,
     stop_mode: str = "noise",
     window: int | None = None,
     history_size: int = 2,
@@ -68,6 +70,9 @@ def quasi_newton(
         z0: (B, S, C, H, W) initial chain; not modified.
         max_iter: maximum rounds (None: S, always enough: the prefix grows by >= 1 slot per round).
         tol: noise-scaled slot tolerance: a slot is unchanged when RMS(change) <= tol * sigma_j.
+        deterministic_tol: the tolerance used instead when the chain adds no fresh noise (``f.fresh_noise``
+            False: DDIM eta = 0, unconditional generation): nothing washes its errors out, so it needs a
+            tighter one (ParaDiGMS likewise uses a 100x tighter tolerance for DDIM than for DDPM).
         stop_mode: "noise" (the only mode: tolerances scale with each slot's noise level).
         window: slots evaluated per round, from the frontier (None: all not-yet-converged slots).
         history_size: secant pairs kept per slot (0: the Gaussian-prior linearisation alone).
@@ -90,6 +95,10 @@ def quasi_newton(
     if stop_mode != "noise":
         raise ValueError(f"quasi_newton uses noise-scaled tolerances: stop_mode must be 'noise', got {stop_mode!r}")
     check_common(max_iter, tol, "abs", callback)
+    if not (deterministic_tol >= 0 and math.isfinite(deterministic_tol)):
+        raise ValueError(f"deterministic_tol must be a finite number >= 0, got {deterministic_tol!r}")
+    if not getattr(f, "fresh_noise", False):
+        tol = min(tol, deterministic_tol)
     window = S if window is None else window
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
