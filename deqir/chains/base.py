@@ -38,7 +38,19 @@ def eps_and_vjp(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor)
 
     Runs the model with autograd on (also inside ``no_grad`` / ``inference_mode`` callers); each sample's
     eps depends only on its own input, so one VJP of the batch is the per-sample VJP.
+
+    When ``x`` itself requires grad (and grad mode is on) both stay differentiable: eps keeps its graph to x and
+    the VJP is taken with ``create_graph=True`` (double backward), so a gradient through the step (the IFT
+    adjoint of docs/gradients.md, an unrolled chain) includes the model's second-order term.
     """
+    if torch.is_grad_enabled() and x.requires_grad and not torch.is_inference_mode_enabled():
+        eps_x = model(x, t)
+
+        def vjp_graph(w: Tensor) -> Tensor:
+            (g,) = torch.autograd.grad(eps_x, x, w.to(eps_x.dtype), retain_graph=True, create_graph=True)
+            return g.to(w.dtype)
+
+        return eps_x, vjp_graph
     with torch.inference_mode(False), torch.enable_grad():
         leaf = x.detach().clone().requires_grad_(True)
         eps = model(leaf, t)

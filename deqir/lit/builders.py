@@ -220,10 +220,7 @@ def optimization_kwargs(mode: str, plain: dict[str, Any], shape: tuple[int, int,
         raise ValueError(f"mode={mode} inverts through the DDNM chain only; got chain={chain} (use chain=ddnm)")
     from deqir.optim.init_opt import check_optimizable
 
-    try:
-        check_optimizable(chain)  # mode=optimize_init: ddnm, ddrm, diffpir (docs/chains.md)
-    except ValueError as err:  # inpaint_box and cs2 recommend pigdm (conf/task/)
-        raise ValueError(f"{err}; add chain=ddnm (or ddrm / diffpir) to the command line") from None
+    check_optimizable(chain)  # mode=optimize_init: every chain (pigdm / dps through double backward)
     from deqir.deq.grad import DEQGradientConfig
     from deqir.lit.optimization import OptimizationSettings
 

@@ -36,19 +36,18 @@ from deqir.optim.losses import LossTerms, ReferenceKind
 __all__ = ["SolveConfig", "InitOptResult", "optimize_init", "STOP_REASONS", "OPTIMIZABLE_CHAINS",
            "check_optimizable"]
 
-#: Chains whose equilibrium x_T can be optimised through. PiGDM and DPS take a VJP through the model inside
-#: their step on a detached copy of its input, so the IFT adjoint would miss their second-order term (it
-#: needs double backward through the eps-model); they are refused (docs/gradients.md).
-OPTIMIZABLE_CHAINS = ("ddnm", "ddrm", "diffpir")
+#: Chains whose equilibrium x_T can be optimised through (every chain of deqir.chains). PiGDM and DPS take a VJP
+#: through the model inside their step; with x differentiable it is taken with create_graph (double backward,
+#: deqir.chains.base.eps_and_vjp), so IFT gradients include the model's second-order term (docs/gradients.md).
+OPTIMIZABLE_CHAINS = ("ddnm", "ddrm", "diffpir", "pigdm", "dps")
 
 
 def check_optimizable(chain: str) -> None:
     """ValueError unless x_T can be optimised through ``chain`` (:data:`OPTIMIZABLE_CHAINS`)."""
     if chain not in OPTIMIZABLE_CHAINS:
         raise ValueError(
-            f"optimising x_T through chain {chain!r} is not supported; supported: {', '.join(OPTIMIZABLE_CHAINS)} "
-            "(pigdm and dps take a vector-Jacobian product through the model in every step, so exact IFT "
-            "gradients would need double backward through the eps-model; see docs/gradients.md)")
+            f"optimising x_T through chain {chain!r} is not supported; supported: {', '.join(OPTIMIZABLE_CHAINS)}")
+
 
 #: Per-image ``InitOptResult.status`` values.
 STOP_REASONS = ("max_steps", "stop_below", "patience", "nonfinite")
@@ -206,9 +205,9 @@ def optimize_init(
         init_states: (B, T, C, H, W) states for the first solve (default: every slot = x_T).
         max_batch, eps_evaluator: model micro-batching / replacement evaluator, as ``ChainMap``.
         map_form, clip_x0: the joint map's form (``cumsum`` | ``step``) and x0 clipping, as ``ChainMap``.
-        chain, chain_params, sigma_y: the restoration chain (:mod:`deqir.chains`; ``ddnm``, ``ddrm``,
-            ``diffpir``: :data:`OPTIMIZABLE_CHAINS`), its parameters and the measurement noise std on [0, 1];
-            chains other than ddnm are solved in the step form (docs/chains.md).
+        chain, chain_params, sigma_y: the restoration chain (:data:`OPTIMIZABLE_CHAINS`; pigdm / dps are
+            differentiated through their model VJP: double backward), its parameters and the measurement noise
+            std on [0, 1]; chains other than ddnm are solved in the step form (docs/chains.md).
         callback: called after every evaluation with the history entry plus ``"x0"`` ((B', C, H, W) of the
             active images) and ``"index"`` (their batch indices).
 
