@@ -1,16 +1,19 @@
 """Initialization optimization per chain: where optimising x_T against the consistency loss has work to do.
 
 DDNM's range correction projects every step onto A x = y, so the consistency objective ||A x0 - y||^2 with the
-discrepancy-principle stop has nothing to do (README "Initialization optimization"). DDRM (eta_b < 1 or noisy y)
-and DiffPIR (a proximal step weighted by rho_j, not a projection) do not project exactly. Per chain x task, with
+discrepancy-principle stop has nothing to do (README "Initialization optimization"). DDRM (eta_b < 1 or noisy y),
+DiffPIR (a proximal step weighted by rho_j, not a projection), PiGDM and DPS (guidance steps; their gradients go
+through the model VJP by double backward, 3-4x the cost of a DDRM step) do not project exactly. Per chain x task, with
 the app's composed chain (``chain=<name>``, the task's presets, ``task.sigma_y``), the DEQ on the step form and
 IFT gradients through the equilibrium: ||A x0 - y|| / noise, PSNR, LPIPS before (step 0 = the plain DEQ
 restoration) and after (the best step), Adam steps taken and why it stopped (``stop_below``: the discrepancy
 principle, mean squared residual <= (2 sigma_y)^2 on the [-1, 1] scale). No ground truth enters the objective
 (it is passed only for the PSNR column).
 
-    python benchmarks/init_opt_chains.py --chains ddnm ddrm diffpir --tasks deblur sr4 inpaint_random \\
-        --json bench_results/init_opt_chains.json
+    python benchmarks/init_opt_chains.py --chains ddrm diffpir ddnm --tasks sr4 inpaint_random deblur --T 10 \\
+        --steps 8 --lr 0.1 --override sampler.etw=0 sampler.nw=0 --json bench_results/init_opt_chains.json
+    python benchmarks/init_opt_chains.py --chains pigdm dps --tasks sr4 --T 10 --steps 2 --lr 0.1 \\
+        --override sampler.etw=0 sampler.nw=0
 """
 from __future__ import annotations
 
