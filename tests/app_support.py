@@ -1,6 +1,7 @@
 """Helpers shared by the invert.py tests (composition, in-process and CLI runs, image comparison)."""
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -50,6 +51,12 @@ def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> s
     full_env.pop("DEQIR_TRACEBACK", None)
     return subprocess.run([sys.executable, str(REPO / "invert.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=str(REPO))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file (per_image.csv) as dicts of strings."""
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -1,7 +1,6 @@
 """invert.py's application layer in-process: outputs, metrics, resume, batch-size invariance, samplers."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -9,14 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from app_support import TINY, pixels, run_inprocess, sample_folder
+from app_support import TINY, pixels, read_csv, run_inprocess, sample_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

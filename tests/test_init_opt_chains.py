@@ -60,6 +60,17 @@ def test_consistency_decreases_through_non_projecting_chain(model, chain):
     torch.testing.assert_close(x, res.x0_best, rtol=0, atol=1e-9)
 
 
+def ift_gradient(model, co, op, y, z, x_T, W, step):
+    """x_T (leaf) whose .grad is d(W . x0)/d x_T through the exact step-form equilibrium (IFT, exact adjoint)."""
+    x_deq = x_T.clone().requires_grad_(True)
+    with torch.enable_grad():
+        fmap = ChainMap(model, co, x_deq, operator=op, y=y, z=z, form="step", step_fn=step)
+        z_star, _ = picard(fmap, fmap.initial_state(), max_iter=T, tol=0.0)
+        states = attach_gradient(fmap, z_star, "ift", adjoint_tol=0.0)
+    (W * states[:, -1]).sum().backward()
+    return x_deq
+
+
 @pytest.mark.parametrize("chain", sorted(CHAINS))
 def test_ift_gradient_matches_unrolled_chain(model, chain):
     """IFT through the step-form equilibrium == autograd through the T sequential steps (docs/gradients.md)."""
@@ -71,12 +82,7 @@ def test_ift_gradient_matches_unrolled_chain(model, chain):
     for j in range(T):
         x = step(x.unsqueeze(1), model(x, co.t[j : j + 1].repeat(x.shape[0])).unsqueeze(1), j, j + 1)[:, 0]
     (W * x).sum().backward()
-    x_deq = x_T.clone().requires_grad_(True)
-    with torch.enable_grad():
-        fmap = ChainMap(model, co, x_deq, operator=op, y=y, z=z, form="step", step_fn=step)
-        z_star, _ = picard(fmap, fmap.initial_state(), max_iter=T, tol=0.0)
-        states = attach_gradient(fmap, z_star, "ift", adjoint_tol=0.0)
-    (W * states[:, -1]).sum().backward()
+    x_deq = ift_gradient(model, co, op, y, z, x_T, W, step)
     rel = float((x_deq.grad - x_ref.grad).norm() / x_ref.grad.norm())
     assert rel < 1e-10
 
@@ -105,12 +111,7 @@ def test_ift_gradient_through_vjp_chains(model, chain):
 
     x_ref = x_T.clone().requires_grad_(True)
     unrolled(x_ref).backward()
-    x_deq = x_T.clone().requires_grad_(True)
-    with torch.enable_grad():
-        fmap = ChainMap(model, co, x_deq, operator=op, y=y, z=z, form="step", step_fn=step)
-        z_star, _ = picard(fmap, fmap.initial_state(), max_iter=T, tol=0.0)
-        states = attach_gradient(fmap, z_star, "ift", adjoint_tol=0.0)
-    (W * states[:, -1]).sum().backward()
+    x_deq = ift_gradient(model, co, op, y, z, x_T, W, step)
     assert float((x_deq.grad - x_ref.grad).norm() / x_ref.grad.norm()) < 1e-10
     v = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(7), dtype=DT)
     h = 1e-5

@@ -1,7 +1,6 @@
 """num_samples = K (several restorations per image) and task=generate (unconditional generation) through invert.py."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -9,15 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from app_support import TINY, pixels, run_cli, run_inprocess
+from app_support import TINY, pixels, read_csv, run_cli, run_inprocess
 from deqir.lit.samples import check_num_samples, pairwise_lpips, sample_seed, summarize_samples
 
 SEQ = [*TINY, "sampler=sequential", "task=inpaint_random"]
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 # ------------------------------------------------------------------------------------------- num_samples

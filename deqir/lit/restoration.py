@@ -107,6 +107,7 @@ class Problem:
     z: Tensor
     target: Tensor | None
     num_samples: int = 1  # K > 1: every row above is repeated K times (sample k of image b at b * K + k)
+    image_names: list[str] | None = None  # K > 1: the B images' own names (``names`` holds "<name>_<k>")
 
 
 @dataclass
@@ -222,10 +223,11 @@ class RestorationModule(pl.LightningModule):
         shape = (len(gens), *shape[1:])
         x_T, z = draw_chain_noise(shape, len(self.coeffs), gens, self.chain.per_step_noise, device=self.device)
         if K > 1:
-            names = [f"{n}_{k}" for n in names for k in range(K)]
+            names = [f"{n}_{k}" for n in batch["name"] for k in range(K)]
             y = y.repeat_interleave(K, dim=0)
             target = target.repeat_interleave(K, dim=0) if target is not None else None
-        return Problem(index=expand(index, K), names=names, y=y, x_T=x_T, z=z, target=target, num_samples=K)
+        return Problem(index=expand(index, K), names=names, y=y, x_T=x_T, z=z, target=target, num_samples=K,
+                       image_names=list(batch["name"]))
 
     def restore(self, problem: Problem) -> Restored:
         """Restore one batch (override this in subclasses). Runs the sampler without autograd."""
@@ -364,7 +366,7 @@ class RestorationModule(pl.LightningModule):
         if K == 1:
             return BatchResult(rows=rows, restored=x0.cpu(), inputs=inputs,
                                targets=target.cpu() if target is not None else None, traces=traces)
-        base = [n.rsplit("_", 1)[0] for n in p.names[::K]]
+        base = p.image_names or p.names[::K]
         one = slice(None, None, K)  # the first sample's row of every image
         target = target[one] if target is not None else None
         rows, mean, std = summarize_samples(rows, x0, target, K, self.suite, base)
