@@ -90,7 +90,7 @@ def test_oracle_decreases_and_is_flagged(model, gradient):
         psnr = _column(res, "psnr", b)
         assert psnr[-1] > psnr[0]
     assert set(res.history[0]) >= {"step", "loss", "oracle", "prior", "psnr", "active", "solver_rounds", "nfe",
-                                   "image_nfe", "solver_residual", "adjoint_rounds", "uses_oracle"}
+                                   "image_nfe", "solver_residual", "solver_converged", "adjoint_rounds", "uses_oracle"}
     rows = res.summary()
     assert len(rows) == 2 and rows[0]["uses_oracle"] and rows[0]["evaluations"] == 6
     attach = gradient.unroll_rounds if gradient.mode == "unroll" else gradient.phantom_steps if \

@@ -218,6 +218,10 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
     line = report.summary_line(task_label, sampler, summary, store.root, fid)
     if choice is not None:
         line += f"\nsolver=auto -> {choice.schedule} (window {choice.window}, max_batch {choice.max_batch}): {choice.reason}"
+        if plain["mode"] != "restore":  # these modes differentiate through the equilibrium: always a fixed-point solve
+            window = "all slots" if choice.schedule == "all_slots" else f"a frontier window of {choice.window or 1}"
+            line += (f"\nmode={plain['mode']} solves the equilibrium every step: quasi_newton with {window} "
+                     f"per round (deqir.lit.optimization)")
     print(line, flush=True)
     RUN_LOG.info(line)
     return summary

@@ -216,8 +216,12 @@ def optimization_kwargs(mode: str, plain: dict[str, Any], shape: tuple[int, int,
     if mode == "restore":
         return {}
     chain = str((plain.get("chain") or {}).get("name", "ddnm"))
-    if mode == "invert" and chain != "ddnm":
-        raise ValueError(f"mode={mode} inverts through the DDNM chain only; got chain={chain} (use chain=ddnm)")
+    # unconditional inversion (the default) runs plain DDIM whatever the task's chain; through the task's own
+    # measurement it needs the DDNM chain
+    with_operator = bool((plain.get("optimize") or {}).get("invert_with_operator"))
+    if mode == "invert" and with_operator and chain != "ddnm":
+        raise ValueError(f"mode=invert with optimize.invert_with_operator=true inverts through the DDNM chain only; "
+                         f"got chain={chain} (add chain=ddnm)")
     from deqir.optim.init_opt import check_optimizable
 
     check_optimizable(chain)  # mode=optimize_init: every chain (pigdm / dps through double backward)

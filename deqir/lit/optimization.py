@@ -78,9 +78,28 @@ class InitOptimizationModule(RestorationModule):
                 self.lpips_loss = LPIPSLoss(net=opt.lpips_net, reduction="none").to(self.device)
 
     def solve_config(self) -> SolveConfig:
+        """The forward solve of every optimisation step. ``solver=auto`` resolves to ``quasi_newton`` with the
+        schedule the start-up measurement chose (:mod:`deqir.lit.autotune`): these modes need the equilibrium
+        itself (the gradient is taken through it), so where restoration would run the sequential sampler they
+        run quasi_newton with a frontier window of one slot -- the sequential schedule, solved as a fixed point."""
         ch = self.chain
+        if ch.sampler == "deq" and ch.solver == "auto":
+            if self.auto_choice is None:  # outside a Lightning run: measure now
+                self.prepare_auto()
+            c = self.auto_choice
+            opts = {k: v for k, v in ch.solver_options.items() if k != "knee_factor"}
+            opts["window"] = None if c.schedule == "all_slots" else int(c.window or 1)
+            return SolveConfig(solver="quasi_newton", max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
+                               options=opts)
         return SolveConfig(solver=ch.solver, max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
                            options=dict(ch.solver_options))
+
+    def max_batch(self) -> int | None:
+        """The model's micro-batch: ``sampler.max_batch``, else the knee solver=auto measured (window schedule)."""
+        ch = self.chain
+        if ch.max_batch is None and ch.solver == "auto" and self.auto_choice is not None:
+            return self.auto_choice.max_batch
+        return ch.max_batch
 
     def restore(self, problem: Problem) -> Restored:
         p, opt = problem, self.optimization
@@ -93,7 +112,7 @@ class InitOptimizationModule(RestorationModule):
             reference=reference, ground_truth=p.target, reference_kind=opt.reference_kind,
             lpips_net=opt.lpips_net, lpips_loss=self.lpips_loss, steps=opt.steps, lr=opt.lr,
             patience=opt.patience, min_improvement=opt.min_improvement, stop_below=opt.stop_below,
-            solve=self.solve_config(), gradient=self.gradient, max_batch=self.chain.max_batch,
+            solve=self.solve_config(), gradient=self.gradient, max_batch=self.max_batch(),
             callback=self._progress(p), map_form=self.chain.form, clip_x0=self.chain.clip_x0,
             chain=self.chain.chain, chain_params=self.chain.chain_params, sigma_y=self.sigma_y,
         )
@@ -135,7 +154,7 @@ class InitOptimizationModule(RestorationModule):
             extra.append(row)
             traces.append([h["loss"][b] for h in hist if math.isfinite(h["loss"][b])])
         best_hist = [hist[s] for s in res.best_step]
-        # the solver's facts at the kept step: status compares its residual with solver.tol
+        # the solver's facts at the kept step
         residuals = [float(h["solver_residual"][b]) if isinstance(h["solver_residual"], list)
                      else float(h["solver_residual"]) for b, h in enumerate(best_hist)]
         return Restored(
@@ -144,8 +163,9 @@ class InitOptimizationModule(RestorationModule):
             nfe=[int(s["nfe"]) for s in summary],
             residual=residuals,
             residual_trace=traces, trace_key="loss", extra=extra,
-            status=["nonfinite" if s == "nonfinite" else ("converged" if r <= self.chain.tol else "max_iter")
-                    for s, r in zip(res.status, residuals)],
+            # the solver's own verdict at the kept step (each solver has its own stopping rule)
+            status=["nonfinite" if s == "nonfinite" else ("converged" if h["solver_converged"][b] == 1.0 else "max_iter")
+                    for b, (s, h) in enumerate(zip(res.status, best_hist))],
         )
 
 
@@ -167,7 +187,7 @@ class InversionModule(InitOptimizationModule):
             y=p.y if with_op else None, z=p.z, init=opt.invert_init if opt.invert_init != "noise" else p.x_T,
             steps=opt.steps, lr=opt.lr, prior_weight=opt.prior_weight, patience=opt.patience,
             min_improvement=opt.min_improvement, stop_below=opt.stop_below, solve=self.solve_config(),
-            gradient=self.gradient, max_batch=self.chain.max_batch, callback=self._progress(p),
+            gradient=self.gradient, max_batch=self.max_batch(), callback=self._progress(p),
             map_form=self.chain.form, clip_x0=self.chain.clip_x0,
         )
         return self.to_restored(res)

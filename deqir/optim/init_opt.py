@@ -91,7 +91,8 @@ class InitOptResult:
         history: one dict per evaluation (step 0 = x_T_init), plain Python values, per-image lists (NaN for
             images that had stopped): ``step``, ``loss`` (total), each term (``consistency``, ``reference``,
             ``oracle``, ``prior``), ``psnr`` (vs ``ground_truth``, when given), ``active``,
-            ``solver_rounds`` (of the batch solve), ``solver_residual``, ``nfe`` (batch model image-evaluations
+            ``solver_rounds`` (of the batch solve), ``solver_residual``, ``solver_converged`` (the solver's own
+            per-image verdict, 1.0 / 0.0), ``nfe`` (batch model image-evaluations
             of the solve and the gradient attachment), ``image_nfe`` (the same per image),
             ``adjoint_rounds`` (IFT; None when no backward ran), ``uses_oracle``.
         best_step: per image the step of ``x_T_best``.
@@ -320,6 +321,7 @@ def _history_entry(step: int, idx: Tensor, B: int, T: int, total: Tensor, vals: 
         "active": active.tolist(),
         "solver_rounds": int(stats.rounds),
         "solver_residual": _scatter(stats.best_residual, idx, B),
+        "solver_converged": _scatter(stats.converged.double(), idx, B),
         "nfe": int(stats.nfe) + attach_evals * len(idx) * T,
         "image_nfe": _scatter((stats.image_rounds.cpu() + attach_evals) * T, idx, B),
         "adjoint_rounds": None,
