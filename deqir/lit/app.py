@@ -133,6 +133,8 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     check_num_samples(plain.get("num_samples", 1), mode, str(plain["task"]["name"]))
+    if _generating(plain) and plain["sampler"].get("t_start") is not None:
+        raise ValueError("task=generate has no measurement to start from: sampler.t_start must be null (pure noise)")
     if _generating(plain) and mode != "restore":
         raise ValueError(f"task=generate has no measurement to optimise x_T against: use mode=restore "
                          f"(got mode={mode})")

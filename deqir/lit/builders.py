@@ -95,8 +95,10 @@ def build_chain(sampler_cfg: dict[str, Any], schedule: dict[str, Any], op: Opera
         raise ValueError(f"task.sigma_y must be a finite number >= 0 (the noise std on the [0, 1] scale), "
                          f"got {sigma_y}")
     sched = NoiseSchedule.create(**schedule)
+    t_start = sampler_cfg.get("t_start")
     grid = SamplingGrid.create(int(sampler_cfg["timesteps"]), num_train_steps=sched.num_steps,
-                               skip_type=str(sampler_cfg.get("skip_type", "uniform")))
+                               skip_type=str(sampler_cfg["skip_type"]), schedule=sched, rho=sampler_cfg["rho"],
+                               t_start=None if t_start is None else t_start)
     sigma_eff = 2.0 * float(sigma_y) * (op.pinv_noise_gain() if sigma_y > 0 else 1.0)
     return make_chain(sched, grid, etw=float(sampler_cfg["etw"]), nw=float(sampler_cfg["nw"]),
                       sigma_y_eff=sigma_eff, noise_aware=bool(sampler_cfg["noise_aware"]))
@@ -203,6 +205,13 @@ def signature(plain: dict[str, Any]) -> dict[str, Any]:
         sig["eval"] = {k: v for k, v in sig["eval"].items() if k not in ("fid", "fid_weights")}
     if (plain.get("chain") or {}).get("name", "ddnm") != "ddnm":
         sig["chain"] = plain["chain"]  # (ddnm runs keep the signature they had before chain/ existed)
+    if isinstance(sig.get("sampler"), dict):  # grid keys at their defaults keep older runs' signatures
+        smp = dict(sig["sampler"])
+        if smp.get("t_start") is None:
+            smp.pop("t_start", None)
+        if smp.get("skip_type") != "karras":
+            smp.pop("rho", None)
+        sig["sampler"] = smp
     if isinstance(sig.get("task"), dict):  # task=generate: more images extend a run
         sig["task"] = {k: v for k, v in sig["task"].items() if k != "num_images"}
     if int(plain.get("num_samples", 1)) != 1:

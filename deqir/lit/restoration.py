@@ -25,7 +25,7 @@ from torch import Tensor
 from deqir.chains import ChainStep, make_step
 from deqir.deq.joint_map import evaluate_in_chunks
 from deqir.samplers.deq import sample_deq
-from deqir.diffusion.chain import ChainCoefficients
+from deqir.diffusion.chain import ChainCoefficients, diffuse
 from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.lit.distributed import TimestepParallelEvaluator
 from deqir.lit.samples import expand, sample_seed, summarize_samples
@@ -226,6 +226,9 @@ class RestorationModule(pl.LightningModule):
             names = [f"{n}_{k}" for n in batch["name"] for k in range(K)]
             y = y.repeat_interleave(K, dim=0)
             target = target.repeat_interleave(K, dim=0) if target is not None else None
+        if self.coeffs.from_measurement:  # a truncated chain starts from A^+ y diffused to its first level
+            with torch.no_grad():
+                x_T = diffuse(op.A_pinv(y).to(x_T.dtype), x_T, float(self.coeffs.a[0]))
         return Problem(index=expand(index, K), names=names, y=y, x_T=x_T, z=z, target=target, num_samples=K,
                        image_names=list(batch["name"]))
 
