@@ -209,13 +209,19 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
         choice = AutoChoice.from_dict(json.loads((store.root / "solver_choice.json").read_text()))
     if choice is not None:  # solver=auto: what the start-up measurement chose, and why (deqir.lit.autotune)
         summary["solver_choice"] = choice.as_dict()
+    label = sampler
+    if choice is not None and choice.schedule == "sequential" and plain["mode"] == "restore":
+        # the images came from the sequential chain (RestorationModule.resolve_auto): say so, not "[deq]"
+        label = "sequential, chosen by solver=auto"
+        summary.update(sampler="sequential", max_iter=None)
+    summary["run_label"] = label
     report.write_metrics(store, summary)
     report.write_grid(store, records)
     conv = report.write_convergence(store, records, stop_mode=str(plain["solver"]["stop_mode"]),
                                    tol=float(plain["solver"]["tol"]) if plain["mode"] == "restore" else None)
     if trainer is not None and trainer.logger:
         log_results(trainer.logger, store, records, summary, conv)
-    line = report.summary_line(task_label, sampler, summary, store.root, fid)
+    line = report.summary_line(task_label, label, summary, store.root, fid)
     if choice is not None:
         line += f"\nsolver=auto -> {choice.schedule} (window {choice.window}, max_batch {choice.max_batch}): {choice.reason}"
     print(line, flush=True)

@@ -77,10 +77,18 @@ class InitOptimizationModule(RestorationModule):
 
                 self.lpips_loss = LPIPSLoss(net=opt.lpips_net, reduction="none").to(self.device)
 
+    def prepare_auto(self, batch_images: int | None = None) -> None:
+        """``solver=auto`` here is quasi_newton on all slots (see :meth:`solve_config`): nothing to measure."""
+
     def solve_config(self) -> SolveConfig:
+        """The forward solve of every step. ``solver=auto`` = quasi_newton on all slots: the optimisation
+        differentiates through the joint equilibrium, so the sequential schedule is no option here."""
         ch = self.chain
-        return SolveConfig(solver=ch.solver, max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
-                           options=dict(ch.solver_options))
+        solver, options = ch.solver, dict(ch.solver_options)
+        if solver == "auto":
+            solver = "quasi_newton"
+            options.pop("knee_factor", None)
+        return SolveConfig(solver=solver, max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode, options=options)
 
     def restore(self, problem: Problem) -> Restored:
         p, opt = problem, self.optimization
