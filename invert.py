@@ -33,9 +33,15 @@ warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigSto
 @hydra.main(version_base="1.3", config_path="conf", config_name="invert")
 def main(cfg: DictConfig) -> float | None:
     from deqir.lit.app import USER_ERRORS, run_invert
+    from deqir.lit.stopping import RunStopped
 
     try:
         summary = run_invert(cfg)
+    except RunStopped as stop:  # SIGTERM / SIGINT / SLURM pre-emption: finished images are kept
+        if os.environ.get("DEQIR_TRACEBACK"):
+            raise
+        print(stop.message(), file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except USER_ERRORS as err:
         if os.environ.get("DEQIR_TRACEBACK"):
             raise

@@ -31,6 +31,7 @@ from deqir.lit.optimization import InitOptimizationModule, InversionModule
 from deqir.lit.progress import ImageProgressBar
 from deqir.lit.restoration import RestorationError, RestorationModule
 from deqir.lit.samples import check_num_samples
+from deqir.lit.stopping import RunStopped, StopOnSignal, StopRequest, owns_requeue_signal, requeue_job, stop_on_signals
 from deqir.lit.writer import RestorationWriter, RunStore
 from deqir.metrics import MetricUnavailableWarning
 from deqir.utils.runtime import tune_allocator
@@ -83,12 +84,21 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     trainer = None
     if todo:
         logger = build_logger(plain.get("logger"), run_dir)
+        stop, requeue = StopRequest(), bool(plain.get("slurm_requeue", True)) and owns_requeue_signal()
         trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
-                                callbacks=[writer, _progress_bar(store, todo, task_label), PerImageLogger(),
-                                           *build_callbacks(plain.get("callbacks"))])
+                                callbacks=[StopOnSignal(stop, requeue), writer, _progress_bar(store, todo, task_label),
+                                           PerImageLogger(), *build_callbacks(plain.get("callbacks"))])
         if logger:
             rank_zero_only(logger.log_hyperparams)(plain)
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        with stop_on_signals(stop, requeue):
+            try:
+                trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            except RunStopped as stopped:  # finished images are on disk; say so, requeue on SLURM's signal
+                if stopped.requeue and rank_zero_only.rank == 0:
+                    stopped.note = requeue_job()
+                stopped.done, stopped.total = len(store.done_indices(dataset.names)), len(dataset.names)
+                stopped.run_dir = run_dir
+                raise
         if not trainer.is_global_zero:
             return None
     elif rank_zero_only.rank != 0:
