@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
-    return None if not summary else summary.get("psnr")
+    return None if not summary else summary.get("objective")  # what a sweeper optimises (objective/, docs/app.md)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from deqir.lit.optimization import InitOptimizationModule, InversionModule
 from deqir.lit.progress import ImageProgressBar
 from deqir.lit.restoration import RestorationError, RestorationModule
 from deqir.lit.samples import check_num_samples
+from deqir.lit.search import Objective
 from deqir.lit.stopping import RunStopped, StopOnSignal, StopRequest, owns_requeue_signal, requeue_job, stop_on_signals
 from deqir.lit.writer import RestorationWriter, RunStore
 from deqir.metrics import MetricUnavailableWarning
@@ -143,6 +144,8 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     check_num_samples(plain.get("num_samples", 1), mode, str(plain["task"]["name"]))
+    if plain.get("objective"):
+        Objective.from_config(plain["objective"])  # a bad objective fails before the first image
     if _generating(plain) and mode != "restore":
         raise ValueError(f"task=generate has no measurement to optimise x_T against: use mode=restore "
                          f"(got mode={mode})")
@@ -225,6 +228,8 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
         label = "sequential, chosen by solver=auto"
         summary.update(sampler="sequential", max_iter=None)
     summary["run_label"] = label
+    if plain.get("objective"):  # what invert.py returns to a sweeper (deqir.lit.search)
+        summary["objective"] = Objective.from_config(plain["objective"]).value(summary)
     report.write_metrics(store, summary)
     report.write_grid(store, records)
     conv = report.write_convergence(store, records, stop_mode=str(plain["solver"]["stop_mode"]),
@@ -265,6 +270,9 @@ def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
     is_wandb = cfg["_target_"].endswith("WandbLogger")
     if is_wandb and os.environ.get("WANDB_MODE", "").lower() in ("online", "run"):
         cfg["offline"] = False  # the logger would otherwise force WANDB_MODE=dryrun
+    if is_wandb and cfg.get("group") is None and (search := _multirun()) is not None:
+        cfg["group"], job = search  # a sweep's trials are one W&B group: the sweep directory's name
+        cfg["name"] = cfg.get("name") or f"{cfg['group']}/{job}"
     if is_wandb and not os.environ.get("WANDB_RUN_ID") and cfg.get("id") is None:
         id_file = run_dir / "wandb_id.txt"
         if id_file.is_file():
@@ -324,6 +332,19 @@ def _generating(plain: dict[str, Any]) -> bool:
 def _unconditional(plain: dict[str, Any]) -> bool:
     """mode=invert without the operator: the task's operator and measurement play no part."""
     return plain["mode"] == "invert" and not (plain.get("optimize") or {}).get("invert_with_operator")
+
+
+def _multirun() -> tuple[str, str] | None:
+    """(sweep directory name, job number) inside a ``-m`` job; None otherwise."""
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hc.sweep.dir)).name, str(hc.job.get("num", ""))
 
 
 def _choice(group: str, default: str) -> str:
