@@ -87,6 +87,7 @@ def test_sigint_stops_inside_the_optimisation_loop(tmp_path):
     assert _records(run) == []
 
 
+@pytest.mark.slow
 def test_slurm_preemption_signal_requeues_the_job(tmp_path):
     """SLURM's environment faked for one task; ``scontrol`` is a script on PATH that records its arguments,
     so the command the run issues is checked without a cluster."""
