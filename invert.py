@@ -40,7 +40,8 @@ def main(cfg: DictConfig) -> float | None:
     except RunStopped as stop:  # SIGTERM / SIGINT / SLURM pre-emption: finished images are kept
         if os.environ.get("DEQIR_TRACEBACK"):
             raise
-        print(stop.message(), file=sys.stderr, flush=True)
+        if stop.rank == 0:
+            print(stop.message(), file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
     except USER_ERRORS as err:
         if os.environ.get("DEQIR_TRACEBACK"):

@@ -76,6 +76,22 @@ def test_sigterm_stops_between_images_keeps_them_and_a_rerun_completes(tmp_path)
     assert len(_records(run)) == 3 and (run / "records" / _records(run)[0].name).read_text() == first
 
 
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_of_a_local_ddp_run(tmp_path):
+    """trainer=ddp: the signal reaches the rank Lightning started, every process ends, one stop line."""
+    run = tmp_path / "run"
+    proc, log = _start([*SLOW_IMAGES, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                        f"hydra.run.dir={run}"], tmp_path)
+    _wait_for(lambda: len(_records(run)) >= 1, proc, log)
+    time.sleep(0.5)  # both ranks' first images are done by now (they run side by side)
+    done = len(_records(run))
+    rc, seconds = _stop(proc, signal.SIGTERM)
+    assert rc == 143 and seconds < 10, (rc, seconds, log.read_text()[-2000:])
+    assert f"{done} of 3 images finished" in _stop_line(log)  # printed once, by rank 0
+    assert "Traceback" not in log.read_text()
+    assert len(_records(run)) == done
+
+
 def test_sigint_stops_inside_the_optimisation_loop(tmp_path):
     run = tmp_path / "run"
     proc, log = _start(["debug=tiny", "mode=optimize_init", "optimize.steps=100000", "solver=anderson",

@@ -94,12 +94,19 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
         with stop_on_signals(stop, requeue):
             try:
                 trainer.predict(module, datamodule=datamodule, return_predictions=False)
-            except RunStopped as stopped:  # finished images are on disk; say so, requeue on SLURM's signal
-                if stopped.requeue and rank_zero_only.rank == 0:
+            except Exception as err:  # finished images are on disk; say so, requeue on SLURM's signal
+                if stop.signum is None:
+                    raise
+                # RunStopped, or a collective that failed because another rank stopped first
+                stopped = err if isinstance(err, RunStopped) else RunStopped(stop.signum, stop.requeue)
+                stopped.rank = rank_zero_only.rank
+                if stopped.requeue and stopped.rank == 0:
                     stopped.note = requeue_job()
                 stopped.done, stopped.total = len(store.done_indices(dataset.names)), len(dataset.names)
                 stopped.run_dir = run_dir
-                raise
+                if stopped is err:
+                    raise
+                raise stopped from err
         if not trainer.is_global_zero:
             return None
     elif rank_zero_only.rank != 0:
@@ -288,7 +295,7 @@ def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
 def log_results(logger, store: RunStore, records: list[dict[str, Any]], summary: dict[str, Any],
                 convergence: Path | None) -> None:
     """Aggregate metrics to any logger; for W&B also the per-image table with images and the plot."""
-    keys = (*report.MEAN_COLUMNS, "n_images", "converged_fraction", "fid")
+    keys = (*report.MEAN_COLUMNS, "n_images", "converged_fraction", "fid", "objective")
     numbers = {f"metrics/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
     logger.log_metrics(numbers)
     from pytorch_lightning.loggers import WandbLogger

@@ -45,6 +45,7 @@ class RunStopped(Exception):
         self.done: int | None = None  # images finished (the application fills these in)
         self.total: int | None = None
         self.run_dir: Any = None
+        self.rank = 0  # global rank (only rank 0 prints the line)
 
     @property
     def exit_code(self) -> int:
