@@ -34,6 +34,7 @@ def _save_tiny(path, arch="ddpm", nan=False):
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_missing_checkpoint(tmp_path):
     proc = run_cli([*TINY, f"model.ckpt_path={tmp_path}/nope.pt", f"hydra.run.dir={tmp_path}/run"])
     assert_one_error(proc, "checkpoint not found", "nope.pt")

@@ -87,6 +87,15 @@ def test_sweeper_direction_follows_the_objective_unless_given():
         _check(["objective.metric=lpips", "objective.direction=minimize"])  # debug=tiny: eval=fast
 
 
+def test_unreachable_storage_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="hydra.sweeper.storage=sqlite:///.*cannot be opened"):
+        _check([f"hydra.sweeper.storage=sqlite:///{tmp_path}/no/dir/s.db"])
+    with pytest.raises(ValueError, match="cannot be opened"):
+        _check([f"hydra.sweeper.storage=postgresql://nobody@127.0.0.1:9/none"])
+    _check([f"hydra.sweeper.storage=sqlite:///{tmp_path}/ok.db"])  # a reachable one passes
+
+
+@pytest.mark.slow
 def test_unreachable_storage_fails_before_any_trial(tmp_path):
     """The CLI: one error line, exit status 2, and no trial ran (no sweep directory)."""
     sweep = tmp_path / "sweep"
@@ -96,9 +105,6 @@ def test_unreachable_storage_fails_before_any_trial(tmp_path):
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: hydra.sweeper.storage=sqlite:///") and "cannot be opened" in lines[0]
     assert not sweep.exists()
-    with pytest.raises(ValueError, match="cannot be opened"):
-        _check([f"hydra.sweeper.storage=postgresql://nobody@127.0.0.1:9/none"])
-    _check([f"hydra.sweeper.storage=sqlite:///{tmp_path}/ok.db"])  # a reachable one passes
 
 
 def _jobs(sweep: Path) -> list[Path]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 from app_support import REPO, read_csv
 
@@ -92,6 +93,7 @@ def test_sigterm_stops_every_rank_of_a_local_ddp_run(tmp_path):
     assert len(_records(run)) == done
 
 
+@pytest.mark.slow
 def test_sigint_stops_inside_the_optimisation_loop(tmp_path):
     run = tmp_path / "run"
     proc, log = _start(["debug=tiny", "mode=optimize_init", "optimize.steps=100000", "solver=anderson",
@@ -124,6 +126,33 @@ def test_slurm_preemption_signal_requeues_the_job(tmp_path):
     line = _stop_line(log)
     assert "SIGUSR1" in line and "requeued SLURM job 4242 (scontrol requeue 4242)" in line
     assert len(_records(run)) == 1
+
+
+class SignalAfterFirstImage(pl.Callback):
+    """Sends this process a real signal once the first image is written (``+callbacks.sig._target_=...``)."""
+
+    def __init__(self, signum: int = int(signal.SIGTERM)):
+        self.signum, self.sent = signum, False
+
+    def on_predict_batch_end(self, *args, **kwargs) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def test_signal_inside_a_run_stops_it_in_process(tmp_path):
+    """The same path in this process: the handler only sets the flag, the next check raises RunStopped."""
+    from app_support import TINY, run_inprocess
+    from deqir.lit.stopping import RunStopped
+
+    run = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunStopped) as stop:
+        run_inprocess([*TINY, "+callbacks.sig._target_=test_stopping.SignalAfterFirstImage"], run)
+    assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143
+    assert (stop.value.done, stop.value.total) == (1, 2) and len(_records(run)) == 1
+    assert "SIGTERM received; 1 of 2 images finished" in stop.value.message()
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handlers are given back
 
 
 def test_job_id_of_an_array_task_and_bad_ids():
