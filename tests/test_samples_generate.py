@@ -178,6 +178,7 @@ def test_generate_refuses_optimisation(tmp_path):
         run_inprocess([*TINY, "task=generate", "mode=optimize_init", "trainer.inference_mode=false"], tmp_path / "r")
 
 
+@pytest.mark.slow
 def test_generate_cli_summary(tmp_path):
     proc = run_cli(["debug=tiny", "task=generate", "task.num_images=2", "solver=anderson",
                     f"hydra.run.dir={tmp_path / 'run'}"])

@@ -31,6 +31,8 @@ from deqir.lit.optimization import InitOptimizationModule, InversionModule
 from deqir.lit.progress import ImageProgressBar
 from deqir.lit.restoration import RestorationError, RestorationModule
 from deqir.lit.samples import check_num_samples
+from deqir.lit.search import Objective
+from deqir.lit.stopping import RunStopped, StopOnSignal, StopRequest, owns_requeue_signal, requeue_job, stop_on_signals
 from deqir.lit.writer import RestorationWriter, RunStore
 from deqir.metrics import MetricUnavailableWarning
 from deqir.utils.runtime import tune_allocator
@@ -83,12 +85,28 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     trainer = None
     if todo:
         logger = build_logger(plain.get("logger"), run_dir)
+        stop, requeue = StopRequest(), bool(plain.get("slurm_requeue", True)) and owns_requeue_signal()
         trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
-                                callbacks=[writer, _progress_bar(store, todo, task_label), PerImageLogger(),
-                                           *build_callbacks(plain.get("callbacks"))])
+                                callbacks=[StopOnSignal(stop, requeue), writer, _progress_bar(store, todo, task_label),
+                                           PerImageLogger(), *build_callbacks(plain.get("callbacks"))])
         if logger:
             rank_zero_only(logger.log_hyperparams)(plain)
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        with stop_on_signals(stop, requeue):
+            try:
+                trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            except Exception as err:  # finished images are on disk; say so, requeue on SLURM's signal
+                if stop.signum is None:
+                    raise
+                # RunStopped, or a collective that failed because another rank stopped first
+                stopped = err if isinstance(err, RunStopped) else RunStopped(stop.signum, stop.requeue)
+                stopped.rank = rank_zero_only.rank
+                if stopped.requeue and stopped.rank == 0:
+                    stopped.note = requeue_job()
+                stopped.done, stopped.total = len(store.done_indices(dataset.names)), len(dataset.names)
+                stopped.run_dir = run_dir
+                if stopped is err:
+                    raise
+                raise stopped from err
         if not trainer.is_global_zero:
             return None
     elif rank_zero_only.rank != 0:
@@ -135,6 +153,8 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     check_num_samples(plain.get("num_samples", 1), mode, str(plain["task"]["name"]))
     if _generating(plain) and plain["sampler"].get("t_start") is not None:
         raise ValueError("task=generate has no measurement to start from: sampler.t_start must be null (pure noise)")
+    if plain.get("objective"):
+        Objective.from_config(plain["objective"])  # a bad objective fails before the first image
     if _generating(plain) and mode != "restore":
         raise ValueError(f"task=generate has no measurement to optimise x_T against: use mode=restore "
                          f"(got mode={mode})")
@@ -211,13 +231,21 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
         choice = AutoChoice.from_dict(json.loads((store.root / "solver_choice.json").read_text()))
     if choice is not None:  # solver=auto: what the start-up measurement chose, and why (deqir.lit.autotune)
         summary["solver_choice"] = choice.as_dict()
+    label = sampler
+    if choice is not None and choice.schedule == "sequential" and plain["mode"] == "restore":
+        # the images came from the sequential chain (RestorationModule.resolve_auto): say so, not "[deq]"
+        label = "sequential, chosen by solver=auto"
+        summary.update(sampler="sequential", max_iter=None)
+    summary["run_label"] = label
+    if plain.get("objective"):  # what invert.py returns to a sweeper (deqir.lit.search)
+        summary["objective"] = Objective.from_config(plain["objective"]).value(summary)
     report.write_metrics(store, summary)
     report.write_grid(store, records)
     conv = report.write_convergence(store, records, stop_mode=str(plain["solver"]["stop_mode"]),
                                    tol=float(plain["solver"]["tol"]) if plain["mode"] == "restore" else None)
     if trainer is not None and trainer.logger:
         log_results(trainer.logger, store, records, summary, conv)
-    line = report.summary_line(task_label, sampler, summary, store.root, fid)
+    line = report.summary_line(task_label, label, summary, store.root, fid)
     if choice is not None:
         line += f"\nsolver=auto -> {choice.schedule} (window {choice.window}, max_batch {choice.max_batch}): {choice.reason}"
         if plain["mode"] != "restore":  # these modes differentiate through the equilibrium: always a fixed-point solve
@@ -255,6 +283,9 @@ def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
     is_wandb = cfg["_target_"].endswith("WandbLogger")
     if is_wandb and os.environ.get("WANDB_MODE", "").lower() in ("online", "run"):
         cfg["offline"] = False  # the logger would otherwise force WANDB_MODE=dryrun
+    if is_wandb and cfg.get("group") is None and (search := _multirun()) is not None:
+        cfg["group"], job = search  # a sweep's trials are one W&B group: the sweep directory's name
+        cfg["name"] = cfg.get("name") or f"{cfg['group']}/{job}"
     if is_wandb and not os.environ.get("WANDB_RUN_ID") and cfg.get("id") is None:
         id_file = run_dir / "wandb_id.txt"
         if id_file.is_file():
@@ -270,7 +301,7 @@ def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
 def log_results(logger, store: RunStore, records: list[dict[str, Any]], summary: dict[str, Any],
                 convergence: Path | None) -> None:
     """Aggregate metrics to any logger; for W&B also the per-image table with images and the plot."""
-    keys = (*report.MEAN_COLUMNS, "n_images", "converged_fraction", "fid")
+    keys = (*report.MEAN_COLUMNS, "n_images", "converged_fraction", "fid", "objective")
     numbers = {f"metrics/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
     logger.log_metrics(numbers)
     from pytorch_lightning.loggers import WandbLogger
@@ -314,6 +345,19 @@ def _generating(plain: dict[str, Any]) -> bool:
 def _unconditional(plain: dict[str, Any]) -> bool:
     """mode=invert without the operator: the task's operator and measurement play no part."""
     return plain["mode"] == "invert" and not (plain.get("optimize") or {}).get("invert_with_operator")
+
+
+def _multirun() -> tuple[str, str] | None:
+    """(sweep directory name, job number) inside a ``-m`` job; None otherwise."""
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hc.sweep.dir)).name, str(hc.job.get("num", ""))
 
 
 def _choice(group: str, default: str) -> str:

@@ -173,15 +173,17 @@ def write_convergence(store: RunStore, records: Sequence[dict[str, Any]], stop_m
 
 
 def summary_line(task: str, sampler: str, summary: dict[str, Any], run_dir: Path, fid: float | None = None) -> str:
-    """One clean line: task, images, mean metrics, cost and where the outputs are."""
+    """One clean line: task, ``[sampler]`` (the label of the chain that ran), images, mean metrics, cost and
+    where the outputs are. Sequential runs show no solver rounds (their cost is the NFE: T model calls)."""
     parts = [f"{task} [{sampler}]", f"{summary['n_images']} images"]
+    sequential = str(summary.get("sampler")) == "sequential"
     for key, fmt in (("psnr_init", "PSNR before optimisation {:.2f} dB"), ("psnr", "PSNR {:.2f} dB"),
                      ("ssim", "SSIM {:.4f}"), ("lpips", "LPIPS {:.4f}"), ("psnr_of_mean", "PSNR of the mean {:.2f} dB"),
                      ("diversity_lpips", "diversity LPIPS {:.4f}"),
                      ("cons", "Cons {:.2f}"), ("consistency", "||Ax-y|| {:.3g}"),
                      ("psnr_to_sequential", "to-seq {:.2f} dB"), ("rounds", "{:.1f} rounds"), ("nfe", "{:.0f} NFE"),
                      ("seconds", "{:.1f} s/img")):
-        if summary.get(key) is not None:
+        if summary.get(key) is not None and not (sequential and key == "rounds"):
             parts.append(fmt.format(summary[key]))
     frac = summary.get("converged_fraction")
     if frac is not None and frac < 1 and summary.get("max_iter"):

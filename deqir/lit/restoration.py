@@ -171,6 +171,7 @@ class RestorationModule(pl.LightningModule):
         self.auto_choice = None  # solver=auto: deqir.lit.autotune.AutoChoice, set on the first batch
         self.on_auto_choice: Callable | None = None  # called once with it (the app keeps it in the run directory)
         self.auto_batch_images = 1  # images per batch, for solver=auto's slots-per-round (the app sets batch_size)
+        self.stop_check: Callable[[], None] | None = None  # raises when the run is asked to stop (deqir.lit.stopping)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_predict_start(self) -> None:
@@ -179,6 +180,14 @@ class RestorationModule(pl.LightningModule):
             self._evaluator = TimestepParallelEvaluator(self.model, self.chain.max_batch)
         else:
             self._evaluator = lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch)
+        if self.stop_check is not None:  # checked before every ε-model call: a stop request ends the image
+            evaluate, check = self._evaluator, self.stop_check
+
+            def checked(x: Tensor, t: Tensor) -> Tensor:
+                check()
+                return evaluate(x, t)
+
+            self._evaluator = checked
         self.prepare_auto()
         if self.suite is None:
             self.suite = MetricSuite(crop_border=ev.crop_border, channel=ev.channel, lpips_net=ev.lpips_net,
