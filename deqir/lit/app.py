@@ -55,58 +55,115 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     pl.seed_everything(int(plain["seed"]), workers=True, verbose=False)
 
     task = plain["task"]
-    dataset, op, model, shape = _data_and_model(plain)
+    model = builders.build_model(plain["model"])
+    if _real(plain):  # the user's own photos: each restored at its own size, grouped by shape and sigma_y
+        dataset, jobs = _real_photos(plain, store)
+        task = plain["task"]
+    else:
+        dataset, op, shape = _data_and_shape(plain, model)
+        jobs = [(plain, op, shape, None)]
     reference = None
     if _generating(plain):  # the dataset's images are only FID's reference set (and dataset.size=null's size)
         reference, dataset = dataset, GeneratedIndices(task.get("num_images"))
     store.num_samples = int(plain.get("num_samples", 1))
     timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
-    module = build_module(plain, op, model, shape, timestep_parallel=timestep_parallel)
-    choice_file = run_dir / "solver_choice.json"  # solver=auto: a resumed run reuses its first measurement
-    if choice_file.is_file() and hasattr(module, "auto_choice"):
-        module.auto_choice = AutoChoice.from_dict(json.loads(choice_file.read_text()))
-    elif hasattr(module, "auto_choice") and rank_zero_only.rank == 0:  # kept as soon as it is made (kill -9 safe)
-        module.on_auto_choice = lambda c: choice_file.write_text(json.dumps(c.as_dict(), indent=2))
-    if hasattr(module, "auto_batch_images"):
-        module.auto_batch_images = int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
-
     store.prepare(dataset.paths, batch_size=int(plain.get("batch_size", 1)))  # inputs outside the run dir, hashes
     if rank_zero_only.rank == 0:
         store.check_signature(builders.signature(plain), resume=bool(plain.get("resume", True)))
-    datamodule = RestorationDataModule(dataset, batch_size=int(plain.get("batch_size", 1)),
-                                       num_workers=int(plain.get("num_workers", 0)),
-                                       done=lambda: store.done_indices(dataset.names),
-                                       sharded=not timestep_parallel)
     writer = RestorationWriter(store, rank_zero_only=timestep_parallel)
     task_label = "invert" if _unconditional(plain) else _choice("task", str(task["name"]))
-    todo = datamodule.compute_todo()
-    trainer = None
+
+    def datamodule(indices):
+        return RestorationDataModule(dataset, batch_size=int(plain.get("batch_size", 1)),
+                                     num_workers=int(plain.get("num_workers", 0)),
+                                     done=lambda: store.done_indices(dataset.names), sharded=not timestep_parallel,
+                                     indices=indices)
+
+    todo = [i for *_, indices in jobs for i in datamodule(indices).compute_todo()]
+    trainer, logger = None, None
     if todo:
         logger = build_logger(plain.get("logger"), run_dir)
-        trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
-                                callbacks=[writer, _progress_bar(store, todo, task_label), PerImageLogger(),
-                                           *build_callbacks(plain.get("callbacks"))])
         if logger:
             rank_zero_only(logger.log_hyperparams)(plain)
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        bar = _progress_bar(store, todo, task_label)
+    for job_plain, op, shape, indices in jobs:
+        dm = datamodule(indices)
+        if not dm.compute_todo():
+            continue
+        module = build_module(job_plain, op, model, shape, timestep_parallel=timestep_parallel,
+                              any_size=indices is not None)
+        _share_auto_choice(module, run_dir / "solver_choice.json")
+        if hasattr(module, "auto_batch_images"):
+            module.auto_batch_images = int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
+        trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
+                                callbacks=[writer, bar, PerImageLogger(), *build_callbacks(plain.get("callbacks"))])
+        trainer.predict(module, datamodule=dm, return_predictions=False)
         if not trainer.is_global_zero:
             return None
-    elif rank_zero_only.rank != 0:
+    if trainer is None and rank_zero_only.rank != 0:
         return None
     return finalize(plain, store, writer, trainer, task_label, dataset.names, reference=reference)
 
 
-def _data_and_model(plain: dict[str, Any]):
-    """Dataset, operator, ε-model and image shape; ``dataset.size=null`` = the images' own size (cut to the
-    model's stride). Says (one ``note:`` line) when images are resized."""
+def _share_auto_choice(module, choice_file: Path) -> None:
+    """solver=auto: a resumed run (and every later group of photos) reuses the run's first measurement, kept in
+    ``solver_choice.json`` as soon as it is made (kill -9 safe)."""
+    if not hasattr(module, "auto_choice"):
+        return
+    if choice_file.is_file():
+        module.auto_choice = load_auto_choice(choice_file)
+    elif rank_zero_only.rank == 0:
+        module.on_auto_choice = lambda c: choice_file.write_text(json.dumps(c.as_dict(), indent=2))
+
+
+def load_auto_choice(choice_file: Path) -> AutoChoice:
+    """The solver=auto choice kept in a run directory; a corrupt file is a one-line error naming it."""
+    try:
+        return AutoChoice.from_dict(json.loads(choice_file.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{choice_file} is corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         f"); delete it to measure the solver choice again (the restored images are kept)") from None
+
+
+def _real_photos(plain: dict[str, Any], store: RunStore):
+    """dataset=real: the photos (each at its own size unless dataset.size is set) and one job per group of
+    photos that share an image shape and sigma_y (deqir.lit.real); says the estimated sigma_y in a note."""
+    from deqir.datasets.images import IndexedImages
+    from deqir.lit import real
+
+    data = plain["dataset"]
+    plain["task"] = task = real.real_task(plain["task"], data)
+    paths, names = builders.dataset_paths(data)
+    channels = real.measurement_channels(task)
+    size = None
+    if data.get("size") is not None:  # asked for: the photos are resized to the measurement of that image size
+        m = builders.build_operator(task, builders.image_shape(data)).measurement_shape
+        size = (m[1], m[2])
+    dataset = IndexedImages(paths, names, size=size, crop=bool(data.get("crop", False)),
+                            mode="gray" if channels == 1 else "rgb", key="y")
+    dataset.check_files()
+    bits = {i: 16 for i, p in enumerate(paths) if real.is_16bit(p)}
+    store.bits = bits
+    groups = real.plan_groups(task, data, ((names[i], dataset[i]["y"], bits.get(i, 8)) for i in range(len(paths))))
+    line = real.sigma_note(groups, names)
+    if line and rank_zero_only.rank == 0:
+        print(line, flush=True)
+        RUN_LOG.info(line)
+    jobs = []
+    for g in groups:
+        jp = real.group_plain(plain, g)
+        jobs.append((jp, builders.build_operator(jp["task"], g.shape), g.shape, g.indices))
+    return dataset, jobs
+
+
+def _data_and_shape(plain: dict[str, Any], model: torch.nn.Module):
+    """Dataset, operator and image shape of clean images; ``dataset.size=null`` = the images' own size (cut to
+    the model's stride). Says (one ``note:`` line) when images are resized."""
     task, data = plain["task"], plain["dataset"]
     native = data.get("size") is None
-    if native and data.get("name") == "real":
-        raise ValueError("dataset=real needs dataset.size (the side of the restored images)")
     shape = (3, 1, 1) if native else builders.image_shape(data)
     op = None if native else builders.build_operator(task, shape)
     dataset = builders.build_dataset(data, shape, op)
-    model = builders.build_model(plain["model"])
     if native:
         dataset, size, note = sizing.native(dataset, dataset.paths, bool(data.get("crop", True)),
                                             builders.model_stride(model))
@@ -114,14 +171,13 @@ def _data_and_model(plain: dict[str, Any]):
         shape = (3, *size)
         op = builders.build_operator(task, shape)
     else:
-        note = sizing.resize_note(dataset.paths, shape, bool(data.get("crop", True))) \
-            if data.get("name") != "real" else None
+        note = sizing.resize_note(dataset.paths, shape, bool(data.get("crop", True)))
     if _generating(plain):
         note = f"note: generating {task.get('num_images')} images at {shape[1]}x{shape[2]} (dataset.size)"
     if note and rank_zero_only.rank == 0:
         print(note, flush=True)
         RUN_LOG.info(note)
-    return dataset, op, model, shape
+    return dataset, op, shape
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -143,13 +199,22 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple[int, int, int], *,
-                 timestep_parallel: bool = False) -> RestorationModule:
-    """The LightningModule of ``plain["mode"]`` for images of ``shape`` (shared by invert.py and deqir.api)."""
+                 timestep_parallel: bool = False, any_size: bool = False) -> RestorationModule:
+    """The LightningModule of ``plain["mode"]`` for images of ``shape`` (shared by invert.py and deqir.api).
+
+    ``any_size``: sides the UNet's downsampling does not divide are padded for the network only
+    (:class:`~deqir.models.adapters.StridePadded`); else they are an error."""
     task, sampler = plain["task"], plain["sampler"]
     mode = str(plain["mode"])
     if mode == "invert":
         sampler = invert_sampler(sampler, plain["optimize"])
-    builders.check_size(shape, model)
+    stride = builders.model_stride(model)
+    if any_size and (shape[1] % stride or shape[2] % stride):
+        from deqir.models.adapters import StridePadded
+
+        model = StridePadded(model, stride)
+    else:
+        builders.check_size(shape, model)
     sigma_y = float(task["sigma_y"])
     coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
     has_target = plain["dataset"].get("name") != "real" and not _generating(plain)
@@ -206,7 +271,7 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
                    lpips_net=ev.get("lpips") if "lpips" in summary else None)
     choice = getattr(getattr(trainer, "lightning_module", None), "auto_choice", None) if deq else None
     if choice is None and deq and (store.root / "solver_choice.json").is_file():
-        choice = AutoChoice.from_dict(json.loads((store.root / "solver_choice.json").read_text()))
+        choice = load_auto_choice(store.root / "solver_choice.json")
     if choice is not None:  # solver=auto: what the start-up measurement chose, and why (deqir.lit.autotune)
         summary["solver_choice"] = choice.as_dict()
     report.write_metrics(store, summary)
@@ -298,6 +363,11 @@ def _progress_bar(store: RunStore, todo: list[int], desc: str) -> ImageProgressB
 
     before = records()
     return ImageProgressBar(lambda rank, world: len(todo), desc=desc, done=lambda: records() - before)
+
+
+def _real(plain: dict[str, Any]) -> bool:
+    """dataset=real: the user's own degraded photos (no ground truth)."""
+    return plain["dataset"].get("name") == "real"
 
 
 def _generating(plain: dict[str, Any]) -> bool:

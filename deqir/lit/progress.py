@@ -25,6 +25,7 @@ class ImageProgressBar(ProgressBar):
         super().__init__()
         self.total_fn, self.desc, self.done_fn = total, desc, done
         self.labels = ("round", "residual")
+        self.image = ""  # the image(s) being solved, shown before the round
         self._enabled = True
         self.bar: tqdm | None = None
 
@@ -50,7 +51,14 @@ class ImageProgressBar(ProgressBar):
     def set_round(self, round_: int, residual: float) -> None:
         """Called by the module after every solver round."""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.labels[0]} {round_}, {self.labels[1]} {residual:.2e}", refresh=True)
+            self.bar.set_postfix_str(f"{self.image}{self.labels[0]} {round_}, {self.labels[1]} {residual:.2e}",
+                                     refresh=True)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        names = list(batch.get("name", []))
+        self.image = (f"{names[0]}" + (f" +{len(names) - 1}" if len(names) > 1 else "") + ": ") if names else ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.image.rstrip(": "), refresh=True)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.bar is None:
