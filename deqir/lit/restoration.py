@@ -344,7 +344,8 @@ class RestorationModule(pl.LightningModule):
         if measured:  # ||A x0 - y|| on the [0, 1] scale: (A(2q - 1) - y) / 2 for a linear A.
             cols["consistency"] = consistency(lambda x: op.A(2 * x - 1) / 2, quantize(full), p.y / 2)
         if self.evaluation.colorization:
-            cols["cons"] = colorization_consistency(q, (p.y + 1) / 2, A=lambda x: (op.A(2 * x - 1) + 1) / 2)
+            cols["cons"] = colorization_consistency(quantize(full), (p.y + 1) / 2,
+                                                    A=lambda x: (op.A(2 * x - 1) + 1) / 2)
         traces: list[dict[str, list[float]]] = [{r.trace_key: t} for t in r.residual_trace]
         if self.evaluation.compare_sequential and self.chain.sampler != "sequential":
             evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch))
