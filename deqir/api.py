@@ -87,15 +87,15 @@ class Restorer:
         from deqir.lit import builders
         from deqir.lit.app import plain_config
 
-        overrides = list(overrides or [])
-        self.config = compose_config(task, overrides)
+        self._task, self._overrides = task, list(overrides or [])
+        given_dataset = any(o.split("=", 1)[0].lstrip("+~") == "dataset" for o in self._overrides)
+        # restore() reads dataset=real's options (boundary, sigma_y, ...) unless the overrides choose a dataset;
+        # evaluate() and generate() compose the configuration as given (its dataset of clean images), on first use
+        self.config = compose_config(task, self._overrides if given_dataset else ["dataset=real", *self._overrides])
         with open_dict(self.config):
             self.config["trainer"]["inference_mode"] = False
         self.plain = plain_config(self.config)
-        given_dataset = any(o.split("=", 1)[0].lstrip("+~") == "dataset" for o in overrides)
-        # restore(): dataset=real's options (boundary, sigma_y, ...) unless a dataset is chosen explicitly
-        self.real_plain = self.plain if given_dataset else plain_config(_no_cli(compose_config(
-            task, ["dataset=real", *overrides])))
+        self._eval_plain: dict[str, Any] | None = self.plain if given_dataset else None
         accelerator = str(self.plain["trainer"].get("accelerator", "auto"))
         if device is None:
             device = "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
@@ -113,7 +113,7 @@ class Restorer:
         """
         from deqir.lit import real
 
-        plain = self.real_plain
+        plain = self.plain
         self._check_task(plain)
         task = real.real_task(plain["task"], plain["dataset"])
         plain = {**plain, "task": task}
@@ -135,10 +135,11 @@ class Restorer:
         model's downsampling factor) or an (N, 3, H, W) tensor on [0, 1]. Image ``i`` uses the noise of dataset
         index ``i`` (as the CLI's i-th image, sorted by path).
         """
-        self._check_task(self.plain)
+        base = self.eval_plain
+        self._check_task(base)
         batch = _as_batch(clean_images)
         shape = tuple(batch.shape[1:])
-        plain = {**self.plain, "dataset": {**self.plain["dataset"], "size": [shape[1], shape[2]]}}
+        plain = {**base, "dataset": {**base["dataset"], "size": [shape[1], shape[2]]}}
         module = self._module(plain, shape, any_size=False)
         names = _names(clean_images)
         outs = [o for _, o in self._batches(module, list(range(batch.shape[0])), names, {"image": list(batch)})]
@@ -147,18 +148,28 @@ class Restorer:
     def generate(self, num_images: int) -> RestoreResult:
         """``task=generate``: images 0 .. num_images - 1 of ``invert.py task=generate`` (same seeds), at
         ``dataset.size``."""
-        if str(self.plain["task"]["name"]) != "generate":
-            raise ValueError(f"generate() needs task='generate', this Restorer has task={self.plain['task']['name']!r}")
+        plain = self.eval_plain
+        if str(plain["task"]["name"]) != "generate":
+            raise ValueError(f"generate() needs task='generate', this Restorer has task={plain['task']['name']!r}")
         from deqir.datasets.generation import GeneratedIndices
         from deqir.lit import builders
 
         ds = GeneratedIndices(num_images)
-        shape = builders.image_shape(self.plain["dataset"])
-        module = self._module(self.plain, shape, any_size=False)
+        shape = builders.image_shape(plain["dataset"])
+        module = self._module(plain, shape, any_size=False)
         outs = [o for _, o in self._batches(module, list(range(num_images)), ds.names, {})]
         return _result(outs)
 
     __call__ = restore
+
+    @property
+    def eval_plain(self) -> dict[str, Any]:
+        """The configuration of evaluate() / generate() as plain values: conf/ with the overrides as given."""
+        if self._eval_plain is None:
+            from deqir.lit.app import plain_config
+
+            self._eval_plain = plain_config(_no_cli(compose_config(self._task, self._overrides)))
+        return self._eval_plain
 
     def _check_task(self, plain: dict[str, Any]) -> None:
         if str(plain["task"]["name"]) == "generate":

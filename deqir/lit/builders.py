@@ -87,13 +87,18 @@ _REQUIRED_FILES = {"kernel_path": "the blur kernel file: .npy, .txt, .csv or .pn
                    "the mask PNG, the photo's size, white/nonzero = observed"}
 
 
-def build_operator(task_cfg: dict[str, Any], shape: tuple[int, int, int]) -> Operator:
-    """``make_operator(task.name, shape, **task.params)`` in float32."""
-    params = dict(task_cfg.get("params") or {})
-    for key, value in params.items():
+def check_task_params(task_cfg: dict[str, Any]) -> None:
+    """A task parameter its yaml leaves to the user (``???``, e.g. a kernel or mask file) must be set."""
+    for key, value in (task_cfg.get("params") or {}).items():
         if value == "???":
             what = _REQUIRED_FILES.get(key, "a value")
             raise ValueError(f"task {task_cfg['name']} needs task.params.{key}=... ({what}); it is not set")
+
+
+def build_operator(task_cfg: dict[str, Any], shape: tuple[int, int, int]) -> Operator:
+    """``make_operator(task.name, shape, **task.params)`` in float32."""
+    check_task_params(task_cfg)
+    params = dict(task_cfg.get("params") or {})
     op = make_operator(str(task_cfg["name"]), shape, **params)
     return op.to(dtype=torch.float32)
 

@@ -42,6 +42,9 @@ class Group:
 def real_task(task: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """The task's config for real photos: blur tasks get ``dataset.boundary`` (default ``valid``) unless they
     set ``params.boundary`` themselves or reproduce the legacy operator (``legacy_svd``)."""
+    from deqir.lit.builders import check_task_params
+
+    check_task_params(task)
     params = dict(task.get("params") or {})
     boundary = data.get("boundary")
     if str(task["name"]) in BLUR_OPERATORS and boundary is not None and params.get("boundary") is None \
