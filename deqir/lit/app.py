@@ -215,6 +215,7 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
         model = StridePadded(model, stride)
     else:
         builders.check_size(shape, model)
+    sampler = _memory_bound(plain, sampler, shape, stride)
     sigma_y = float(task["sigma_y"])
     coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
     has_target = plain["dataset"].get("name") != "real" and not _generating(plain)
@@ -225,6 +226,30 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
         timestep_parallel=timestep_parallel, num_samples=int(plain.get("num_samples", 1)),
         **builders.optimization_kwargs(mode, plain, shape),
     )
+
+
+def _memory_bound(plain: dict[str, Any], sampler: dict[str, Any], shape: tuple[int, int, int],
+                  stride: int) -> dict[str, Any]:
+    """``sampler.max_batch`` null: the largest UNet batch under ``memory_limit`` (deqir.lit.memory), set only
+    where it binds (results do not depend on it); one ``note:`` line when even one image exceeds the bound."""
+    from deqir.lit import memory
+    from deqir.lit.writer import note
+
+    if sampler.get("max_batch") is not None:
+        return sampler
+    accelerator = str(plain["trainer"].get("accelerator", "auto"))
+    device = torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
+    limit = memory.limit_bytes(plain.get("memory_limit", "auto"), device)
+    h, w = -(-shape[1] // stride) * stride, -(-shape[2] // stride) * stride
+    per_image = memory.call_bytes(plain["model"], h, w)
+    largest = int(sampler["timesteps"]) * int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
+    cap = memory.max_batch_for(limit, per_image, largest)
+    if cap is None:
+        return sampler
+    if per_image > limit:
+        note(f"one UNet call on a {h}x{w} image needs about {per_image / 2**30:.1f} GiB, above memory_limit "
+             f"({limit / 2**30:.1f} GiB): running one image per call")
+    return {**sampler, "max_batch": cap}
 
 
 def invert_sampler(sampler: dict[str, Any], optimize: dict[str, Any]) -> dict[str, Any]:

@@ -40,16 +40,19 @@ class Group:
 
 
 def real_task(task: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """The task's config for real photos: blur tasks get ``dataset.boundary`` (default ``valid``) unless they
-    set ``params.boundary`` themselves or reproduce the legacy operator (``legacy_svd``)."""
+    """The task's config for real photos: blur tasks get ``dataset.boundary`` (default ``valid``) and
+    ``dataset.zero_threshold`` unless they set ``params.boundary`` / ``params.zero_threshold`` themselves or
+    reproduce the legacy operator (``legacy_svd``)."""
     from deqir.lit.builders import check_task_params
 
     check_task_params(task)
     params = dict(task.get("params") or {})
     boundary = data.get("boundary")
-    if str(task["name"]) in BLUR_OPERATORS and boundary is not None and params.get("boundary") is None \
-            and not params.get("legacy_svd", False):
+    blur = str(task["name"]) in BLUR_OPERATORS and not params.get("legacy_svd", False)
+    if blur and boundary is not None and params.get("boundary") is None:
         params["boundary"] = str(boundary)
+    if blur and data.get("zero_threshold") is not None and params.get("zero_threshold") is None:
+        params["zero_threshold"] = float(data["zero_threshold"])
     return {**task, "params": params}
 
 

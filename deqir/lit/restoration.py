@@ -289,7 +289,8 @@ class RestorationModule(pl.LightningModule):
         choice = None
         if not dist or torch.distributed.get_rank() == 0:
             x = torch.randn(1, *self.operator.image_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-            costs = measure_batch_costs(lambda x, t: self.model(x, t), x, int(self.coeffs.t[0]), max_size=B * T,
+            cap = B * T if ch.max_batch is None else min(B * T, int(ch.max_batch))  # never above the memory bound
+            costs = measure_batch_costs(lambda x, t: self.model(x, t), x, int(self.coeffs.t[0]), max_size=cap,
                                         knee_factor=knee_factor)
             choice = choose_schedule(costs, T, B, knee_factor)
         if dist:
