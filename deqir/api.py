@@ -1,8 +1,8 @@
 """The Python API: ``deqir.restore``, ``deqir.evaluate`` and ``deqir.Restorer`` (docs/api.md).
 
 ``restore`` restores the degraded photos it is given (``invert.py dataset=real``); ``evaluate`` degrades clean
-images with the task's operator first and scores the restorations against them. Both compose the configuration ``invert.py`` composes (Hydra's compose API over ``conf/``, with the same
-override strings) and run the same :class:`~deqir.lit.restoration.RestorationModule`, so the same images in
+images with the task's operator first and scores the restorations against them. Both compose the configuration
+``invert.py`` composes (Hydra's compose API over ``conf/``, with the same override strings) and run the same :class:`~deqir.lit.restoration.RestorationModule`, so the same images in
 the same order with the same seed give the CLI's results. Every default lives in ``conf/``; nothing here
 has a default of its own beyond "whatever the configuration says".
 """

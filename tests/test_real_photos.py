@@ -119,3 +119,21 @@ def test_corrupt_solver_choice_names_the_file_and_keeps_the_results(tmp_path):
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "solver_choice.json" in lines[0] and "delete it" in lines[0], lines
     assert (run / "keep.txt").read_text() == "earlier results"
+
+
+def test_memory_limit_micro_batches_the_unet_without_changing_results():
+    """A bound below one DEQ round's T slots sets sampler.max_batch (where it binds); the images are the same."""
+    from deqir.lit.memory import call_bytes, limit_bytes
+
+    photo = _crop(24, 20)
+    over = [*TINY_REAL, "solver.max_iter=3"]
+    free = deqir.Restorer(task="denoise", overrides=[*over, "memory_limit=null"])
+    bounded = deqir.Restorer(task="denoise", overrides=[*over, "memory_limit=0.0001"])  # ~100 KiB: one image
+    a, b = free.restore(photo), bounded.restore(photo)
+    (mod_a,), (mod_b,) = free._modules.values(), bounded._modules.values()
+    assert mod_a.chain.max_batch is None and mod_b.chain.max_batch == 1
+    assert torch.allclose(a.images, b.images, atol=1e-5)
+    assert call_bytes({"config": {"ch": 32, "ch_mult": [1, 2, 2]}}, 768, 1024) == 4 * 20 * 32 * 768 * 1024
+    assert limit_bytes(2, torch.device("cpu")) == 2 * 2**30 and limit_bytes(None, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="memory_limit"):
+        limit_bytes(-1, torch.device("cpu"))

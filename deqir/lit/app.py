@@ -57,7 +57,9 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     task = plain["task"]
     model = builders.build_model(plain["model"])
     if _real(plain):  # the user's own photos: each restored at its own size, grouped by shape and sigma_y
-        dataset, jobs = _real_photos(plain, store)
+        from deqir.lit.real import real_jobs
+
+        dataset, jobs = real_jobs(plain, store, RUN_LOG)
         task = plain["task"]
     else:
         dataset, op, shape = _data_and_shape(plain, model)
@@ -73,11 +75,12 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     writer = RestorationWriter(store, rank_zero_only=timestep_parallel)
     task_label = "invert" if _unconditional(plain) else _choice("task", str(task["name"]))
 
+    done = store.done_indices(dataset.names)  # once: each group's images are written by that group only
+
     def datamodule(indices):
         return RestorationDataModule(dataset, batch_size=int(plain.get("batch_size", 1)),
                                      num_workers=int(plain.get("num_workers", 0)),
-                                     done=lambda: store.done_indices(dataset.names), sharded=not timestep_parallel,
-                                     indices=indices)
+                                     done=lambda: done, sharded=not timestep_parallel, indices=indices)
 
     todo = [i for *_, indices in jobs for i in datamodule(indices).compute_todo()]
     trainer, logger = None, None
@@ -121,39 +124,9 @@ def load_auto_choice(choice_file: Path) -> AutoChoice:
     try:
         return AutoChoice.from_dict(json.loads(choice_file.read_text()))
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{choice_file} is corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                         f"); delete it to measure the solver choice again (the restored images are kept)") from None
-
-
-def _real_photos(plain: dict[str, Any], store: RunStore):
-    """dataset=real: the photos (each at its own size unless dataset.size is set) and one job per group of
-    photos that share an image shape and sigma_y (deqir.lit.real); says the estimated sigma_y in a note."""
-    from deqir.datasets.images import IndexedImages
-    from deqir.lit import real
-
-    data = plain["dataset"]
-    plain["task"] = task = real.real_task(plain["task"], data)
-    paths, names = builders.dataset_paths(data)
-    channels = real.measurement_channels(task)
-    size = None
-    if data.get("size") is not None:  # asked for: the photos are resized to the measurement of that image size
-        m = builders.build_operator(task, builders.image_shape(data)).measurement_shape
-        size = (m[1], m[2])
-    dataset = IndexedImages(paths, names, size=size, crop=bool(data.get("crop", False)),
-                            mode="gray" if channels == 1 else "rgb", key="y")
-    dataset.check_files()
-    bits = {i: 16 for i, p in enumerate(paths) if real.is_16bit(p)}
-    store.bits = bits
-    groups = real.plan_groups(task, data, ((names[i], dataset[i]["y"], bits.get(i, 8)) for i in range(len(paths))))
-    line = real.sigma_note(groups, names)
-    if line and rank_zero_only.rank == 0:
-        print(line, flush=True)
-        RUN_LOG.info(line)
-    jobs = []
-    for g in groups:
-        jp = real.group_plain(plain, g)
-        jobs.append((jp, builders.build_operator(jp["task"], g.shape), g.shape, g.indices))
-    return dataset, jobs
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{choice_file} is corrupt ({reason}); delete it to measure the solver choice again "
+                         f"(the restored images are kept)") from None
 
 
 def _data_and_shape(plain: dict[str, Any], model: torch.nn.Module):
@@ -215,7 +188,9 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
         model = StridePadded(model, stride)
     else:
         builders.check_size(shape, model)
-    sampler = _memory_bound(plain, sampler, shape, stride)
+    from deqir.lit.memory import bounded_sampler
+
+    sampler = bounded_sampler(plain, sampler, shape, stride)
     sigma_y = float(task["sigma_y"])
     coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
     has_target = plain["dataset"].get("name") != "real" and not _generating(plain)
@@ -226,30 +201,6 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
         timestep_parallel=timestep_parallel, num_samples=int(plain.get("num_samples", 1)),
         **builders.optimization_kwargs(mode, plain, shape),
     )
-
-
-def _memory_bound(plain: dict[str, Any], sampler: dict[str, Any], shape: tuple[int, int, int],
-                  stride: int) -> dict[str, Any]:
-    """``sampler.max_batch`` null: the largest UNet batch under ``memory_limit`` (deqir.lit.memory), set only
-    where it binds (results do not depend on it); one ``note:`` line when even one image exceeds the bound."""
-    from deqir.lit import memory
-    from deqir.lit.writer import note
-
-    if sampler.get("max_batch") is not None:
-        return sampler
-    accelerator = str(plain["trainer"].get("accelerator", "auto"))
-    device = torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
-    limit = memory.limit_bytes(plain.get("memory_limit", "auto"), device)
-    h, w = -(-shape[1] // stride) * stride, -(-shape[2] // stride) * stride
-    per_image = memory.call_bytes(plain["model"], h, w)
-    largest = int(sampler["timesteps"]) * int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
-    cap = memory.max_batch_for(limit, per_image, largest)
-    if cap is None:
-        return sampler
-    if per_image > limit:
-        note(f"one UNet call on a {h}x{w} image needs about {per_image / 2**30:.1f} GiB, above memory_limit "
-             f"({limit / 2**30:.1f} GiB): running one image per call")
-    return {**sampler, "max_batch": cap}
 
 
 def invert_sampler(sampler: dict[str, Any], optimize: dict[str, Any]) -> dict[str, Any]:

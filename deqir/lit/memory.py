@@ -67,3 +67,26 @@ def max_batch_for(limit: int | None, per_image: int | None, largest: int) -> int
     if limit is None or per_image is None or per_image * largest <= limit:
         return None
     return max(1, int(limit // per_image))
+
+
+def bounded_sampler(plain: dict[str, Any], sampler: dict[str, Any], shape: tuple[int, int, int],
+                    stride: int) -> dict[str, Any]:
+    """``sampler.max_batch`` null: the largest UNet batch under ``memory_limit`` (module docstring), set only
+    where it binds (results do not depend on it); one ``note:`` line when even one image exceeds the bound."""
+    from deqir.lit.writer import note
+
+    if sampler.get("max_batch") is not None:
+        return sampler
+    accelerator = str(plain["trainer"].get("accelerator", "auto"))
+    device = torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
+    limit = limit_bytes(plain.get("memory_limit", "auto"), device)
+    h, w = -(-shape[1] // stride) * stride, -(-shape[2] // stride) * stride
+    per_image = call_bytes(plain["model"], h, w)
+    largest = int(sampler["timesteps"]) * int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
+    cap = max_batch_for(limit, per_image, largest)
+    if cap is None:
+        return sampler
+    if per_image > limit:
+        note(f"one UNet call on a {h}x{w} image needs about {per_image / 2**20:.0f} MiB, above memory_limit "
+             f"({limit / 2**20:.0f} MiB): running one image per call")
+    return {**sampler, "max_batch": cap}

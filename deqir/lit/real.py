@@ -156,3 +156,37 @@ def is_16bit(path) -> bool:
     """Whether an image file is a 16-bit PNG (its restoration is saved as 16-bit too)."""
     header = decode.png_header(path)
     return header is not None and header[2] == 16
+
+
+def real_jobs(plain: dict[str, Any], store, log) -> tuple[Any, list[tuple]]:
+    """invert.py's dataset=real: the photos (each at its own size unless dataset.size is set) and one job
+    ``(plain, operator, shape, indices)`` per group; says the estimated sigma_y in a note (stdout and ``log``).
+    Sets ``plain["task"]`` to :func:`real_task`'s and ``store.bits`` (16-bit photos get 16-bit outputs)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from deqir.datasets.images import IndexedImages
+    from deqir.lit import builders
+
+    data = plain["dataset"]
+    plain["task"] = task = real_task(plain["task"], data)
+    paths, names = builders.dataset_paths(data)
+    channels = measurement_channels(task)
+    size = None
+    if data.get("size") is not None:  # asked for: the photos are resized to the measurement of that image size
+        m = builders.build_operator(task, builders.image_shape(data)).measurement_shape
+        size = (m[1], m[2])
+    dataset = IndexedImages(paths, names, size=size, crop=bool(data.get("crop", False)),
+                            mode="gray" if channels == 1 else "rgb", key="y")
+    dataset.check_files()
+    bits = {i: 16 for i, p in enumerate(paths) if is_16bit(p)}
+    store.bits = bits
+    groups = plan_groups(task, data, ((names[i], dataset[i]["y"], bits.get(i, 8)) for i in range(len(paths))))
+    line = sigma_note(groups, names)
+    if line and rank_zero_only.rank == 0:
+        print(line, flush=True)
+        log.info(line)
+    jobs = []
+    for g in groups:
+        jp = group_plain(plain, g)
+        jobs.append((jp, builders.build_operator(jp["task"], g.shape), g.shape, g.indices))
+    return dataset, jobs
