@@ -1,7 +1,7 @@
 """A big blurry photo (1024 x 768 by default) restored on the CPU with the embedded default model: time and peak
 memory under ``memory_limit`` (docs/app.md "Big photos").
 
-The photo is a demo photo (data/samples) resized to ``--width`` x ``--height`` and blurred outside deqir
+The photo is the demo photos (data/samples) tiled to ``--width`` x ``--height`` and blurred outside deqir
 (scipy.ndimage correlation with the deblur task's kernel, ``mode="reflect"``), saved as 8 bits; it is restored
 by ``deqir.restore(task="deblur")`` with the default configuration (``solver=auto``: on a CPU the sequential
 schedule) and each ``--memory-limit``. Columns: the UNet micro-batch the bound gave (``sampler.max_batch``),
@@ -28,13 +28,19 @@ from benchmarks.real_degradations import _t, scipy_blur  # noqa: E402
 
 
 def photo(width: int, height: int) -> np.ndarray:
-    """uint8 (height, width, 3): chelsea.png resized (bicubic)."""
-    from PIL import Image
-
+    """uint8 (height, width, 3): the demo photos tiled at their own resolution (mirrored in turn, so the tiles
+    meet without seams of a different kind), cropped to the size; real detail, unlike an upscaled photo."""
+    from deqir.datasets.images import read_image_uint8
     from deqir.lit.builders import samples_dir
 
-    im = Image.open(samples_dir() / "chelsea.png").convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(im).copy()
+    tiles = [read_image_uint8(p) for p in sorted(samples_dir().glob("*.png"))]
+    th, tw = tiles[0].shape[:2]
+    rows = []
+    for r in range(-(-height // th)):
+        row = [tiles[(r + c) % len(tiles)] for c in range(-(-width // tw))]
+        row = [t[:, ::-1] if (r + c) % 2 else t for c, t in enumerate(row)]
+        rows.append(np.concatenate(row, axis=1))
+    return np.ascontiguousarray(np.concatenate(rows, axis=0)[:height, :width])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -93,6 +93,7 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
         dm = datamodule(indices)
         if not dm.compute_todo():
             continue
+        op = op if op is not None else builders.build_operator(job_plain["task"], shape)  # one group's at a time
         module = build_module(job_plain, op, model, shape, timestep_parallel=timestep_parallel,
                               any_size=indices is not None)
         _share_auto_choice(module, run_dir / "solver_choice.json")
@@ -101,9 +102,8 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
         trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
                                 callbacks=[writer, bar, PerImageLogger(), *build_callbacks(plain.get("callbacks"))])
         trainer.predict(module, datamodule=dm, return_predictions=False)
-        if not trainer.is_global_zero:
-            return None
-    if trainer is None and rank_zero_only.rank != 0:
+        del module, op
+    if rank_zero_only.rank != 0 or (trainer is not None and not trainer.is_global_zero):
         return None
     return finalize(plain, store, writer, trainer, task_label, dataset.names, reference=reference)
 

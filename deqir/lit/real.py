@@ -160,7 +160,7 @@ def is_16bit(path) -> bool:
 
 def real_jobs(plain: dict[str, Any], store, log) -> tuple[Any, list[tuple]]:
     """invert.py's dataset=real: the photos (each at its own size unless dataset.size is set) and one job
-    ``(plain, operator, shape, indices)`` per group; says the estimated sigma_y in a note (stdout and ``log``).
+    ``(plain, None, shape, indices)`` per group (the operator is built when it runs); says the estimated sigma_y in a note (stdout and ``log``).
     Sets ``plain["task"]`` to :func:`real_task`'s and ``store.bits`` (16-bit photos get 16-bit outputs)."""
     from pytorch_lightning.utilities import rank_zero_only
 
@@ -185,8 +185,5 @@ def real_jobs(plain: dict[str, Any], store, log) -> tuple[Any, list[tuple]]:
     if line and rank_zero_only.rank == 0:
         print(line, flush=True)
         log.info(line)
-    jobs = []
-    for g in groups:
-        jp = group_plain(plain, g)
-        jobs.append((jp, builders.build_operator(jp["task"], g.shape), g.shape, g.indices))
-    return dataset, jobs
+    # the operator of each group is built when the group runs (None here): a big photo's takes tens of MB
+    return dataset, [(group_plain(plain, g), None, g.shape, g.indices) for g in groups]
