@@ -137,3 +137,15 @@ def test_memory_limit_micro_batches_the_unet_without_changing_results():
     assert limit_bytes(2, torch.device("cpu")) == 2 * 2**30 and limit_bytes(None, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="memory_limit"):
         limit_bytes(-1, torch.device("cpu"))
+
+
+def test_valid_blur_compares_to_the_sequential_chain_on_the_photo_grid(tmp_path):
+    """eval.compare_sequential with the valid-boundary blur (its image is larger than the photo)."""
+    folder = tmp_path / "blurry"
+    save_png(_crop(20, 18)[0], folder / "b.png")
+    run = tmp_path / "run"
+    run_inprocess([*TINY_REAL, "task=deblur", "task.params.kernel_size=3", "dataset=real", f"dataset.path={folder}",
+                   "eval.compare_sequential=true", "solver=picard", "solver.max_iter=4", "solver.tol=0"], run)
+    row = read_csv(run / "per_image.csv")[0]
+    assert float(row["psnr_to_sequential"]) > 60  # Picard after T rounds is the sequential chain
+    assert pixels(run / "images" / "b.png").shape == (20, 18, 3)

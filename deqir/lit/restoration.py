@@ -352,10 +352,11 @@ class RestorationModule(pl.LightningModule):
             evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch))
             seq, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=op, y=p.y, z=p.z,
                                        clip_x0=self.chain.clip_x0, step_fn=self.chain_step(p))
-            seq = to_unit(seq.float())
+            seq = op.restored_view(to_unit(seq.float()))
             cols["psnr_to_sequential"] = _psnr(x0, seq)
             if r.round_x0:
-                per_round = torch.stack([_psnr(to_unit(c.float()), seq) for c in r.round_x0], dim=1)  # (B, rounds)
+                per_round = torch.stack([_psnr(op.restored_view(to_unit(c.float())), seq) for c in r.round_x0],
+                                        dim=1)  # (B, rounds)
                 for b in range(B):
                     traces[b]["psnr_to_sequential"] = [float(v) for v in per_round[b, : r.rounds[b]]]
         numel = math.prod(op.measurement_shape)
