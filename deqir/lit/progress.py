@@ -1,7 +1,8 @@
-"""A progress bar in images (not batches) that also shows the current solver round and residual
-(or, in the optimisation modes, the optimisation step and loss)."""
+"""A progress bar in images (not batches) that also shows the image being solved and its solver round and
+residual (the sequential chain: its step; the optimisation modes: the optimisation step and loss)."""
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
@@ -47,12 +48,15 @@ class ImageProgressBar(ProgressBar):
             return
         self.bar = tqdm(total=self.total_fn(trainer.global_rank, trainer.world_size), desc=self.desc, unit="img",
                         file=sys.stderr, dynamic_ncols=True, leave=False)
+        if self.done_fn is not None:  # a later group of photos (one Trainer per group): the images done so far
+            self.bar.n = min(int(self.bar.total or 0), self.done_fn())
 
     def set_round(self, round_: int, residual: float) -> None:
-        """Called by the module after every solver round."""
+        """Called by the module after every solver round (or sequential step: ``residual`` NaN)."""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.image}{self.labels[0]} {round_}, {self.labels[1]} {residual:.2e}",
-                                     refresh=True)
+            text = (f"{self.labels[0]} {round_}, {self.labels[1]} {residual:.2e}" if math.isfinite(residual)
+                    else f"step {round_}")
+            self.bar.set_postfix_str(f"{self.image}{text}", refresh=True)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         names = list(batch.get("name", []))

@@ -239,8 +239,12 @@ class RestorationModule(pl.LightningModule):
         step_fn = self.chain_step(p)
         with torch.no_grad():
             if ch.sampler == "sequential":
+                def on_step(info: dict) -> None:  # the progress bar's "step k" (NaN: no residual)
+                    if self.round_hook is not None:
+                        self.round_hook(int(info["j"]) + 1, math.nan)
+
                 x0, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z,
-                                          clip_x0=ch.clip_x0, step_fn=step_fn)
+                                          clip_x0=ch.clip_x0, step_fn=step_fn, callback=on_step)
                 ok = bool(torch.isfinite(x0).all())
                 return Restored(x0=x0, rounds=[T] * B, nfe=[T] * B, residual=[math.nan] * B,
                                 status=["converged" if ok else "nonfinite"] * B, residual_trace=[[] for _ in range(B)])
