@@ -117,3 +117,27 @@ def test_paired_interval_matches_the_t_distribution():
     assert math.isclose(r["hi"] - r["mean"], half, rel_tol=1e-9)
     with pytest.raises(ValueError, match="equally long"):
         paired([1.0], [1.0, 2.0])
+
+
+@pytest.mark.slow
+def test_real_degradations_benchmark(tmp_path):
+    tiny = ["model=tiny_ddpm", "model_dtype=model", "sampler=sequential", "sampler.timesteps=4", "eval=fast"]
+    data = run_bench("real_degradations.py", ["--images", "1", "--size", "16", "--width", "16", "--rows",
+                                              "scipy reflect blur", "PIL bicubic x4 down", "deqir sr4 (simulated)",
+                                              "--override", *tiny], tmp_path / "r.json")
+    rows = {r["degradation"]: r for r in data["rows"]}
+    assert set(rows) == {"scipy reflect blur", "PIL bicubic x4 down", "deqir sr4 (simulated)"}
+    blur = rows["scipy reflect blur"]
+    assert blur["psnr_baseline"] is not None and blur["sigma_y"] > 0 and blur["flagged"].endswith("/1")
+    assert all(math.isfinite(r["psnr_restored"]) for r in rows.values())
+
+
+@pytest.mark.slow
+def test_big_photo_benchmark(tmp_path):
+    data = run_bench("big_photo.py", ["--width", "40", "--height", "30", "--memory-limit", "0.0001", "null",
+                                      "--override", "model=tiny_ddpm", "model_dtype=model", "sampler.timesteps=4",
+                                      "solver=anderson", "solver.max_iter=4"], tmp_path / "b.json")
+    bounded, free = data["rows"]
+    assert bounded["max_batch"] == 1 and free["max_batch"] is None  # the bound binds; no bound, no micro-batch
+    assert bounded["psnr_restored"] == pytest.approx(free["psnr_restored"], abs=1e-6)  # results do not depend on it
+    assert bounded["peak_mb"] >= 0 and bounded["seconds"] > 0

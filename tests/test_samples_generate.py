@@ -221,7 +221,7 @@ def test_python_api_generate_and_samples(generated):
         saved = pixels(generated / "images" / f"{r['name']}.png").astype(int)
         ours = (result.images[i].permute(1, 2, 0).numpy() * 255).round().astype(int)
         assert np.abs(saved - ours).max() <= 1  # the CLI's images
-    restored = deqir.restore(torch.rand(1, 3, 32, 32), task="sr2", overrides=[*TINY, "num_samples=2"])
+    restored = deqir.evaluate(torch.rand(1, 3, 32, 32), task="sr2", overrides=[*TINY, "num_samples=2"])
     assert restored.samples.shape == (1, 2, 3, 32, 32)
     assert torch.allclose(restored.images, restored.samples.mean(dim=1), atol=1e-6)
     with pytest.raises(ValueError, match="deqir.generate"):

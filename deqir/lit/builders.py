@@ -81,8 +81,22 @@ def check_size(shape: tuple[int, int, int], model: torch.nn.Module) -> None:
                              f"{stride} (its UNet downsamples {stride}x); use dataset.size={lo or hi} or {hi}")
 
 
+#: What a task's required file parameter (``???`` in its yaml) holds, for the error that asks for it.
+_REQUIRED_FILES = {"kernel_path": "the blur kernel file: .npy, .txt, .csv or .png", "mask_path":
+                   "the mask PNG, the photo's size, white/nonzero = observed"}
+
+
+def check_task_params(task_cfg: dict[str, Any]) -> None:
+    """A task parameter its yaml leaves to the user (``???``, e.g. a kernel or mask file) must be set."""
+    for key, value in (task_cfg.get("params") or {}).items():
+        if value == "???":
+            what = _REQUIRED_FILES.get(key, "a value")
+            raise ValueError(f"task {task_cfg['name']} needs task.params.{key}=... ({what}); it is not set")
+
+
 def build_operator(task_cfg: dict[str, Any], shape: tuple[int, int, int]) -> Operator:
     """``make_operator(task.name, shape, **task.params)`` in float32."""
+    check_task_params(task_cfg)
     params = dict(task_cfg.get("params") or {})
     op = make_operator(str(task_cfg["name"]), shape, **params)
     return op.to(dtype=torch.float32)
@@ -161,6 +175,23 @@ def eval_settings(eval_cfg: dict[str, Any], task_cfg: dict[str, Any], has_target
 def build_dataset(dataset_cfg: dict[str, Any], shape: tuple[int, int, int], op: Operator) -> IndexedImages:
     """The evaluation images of ``dataset/`` (kinds: samples, folder, celeba_hq, imagenet_val, real)."""
     kind = str(dataset_cfg.get("name", "folder"))
+    paths, names = dataset_paths(dataset_cfg)
+    crop = bool(dataset_cfg.get("crop", True))
+    if kind == "real":
+        m = tuple(op.measurement_shape)
+        if len(m) != 3 or m[0] not in (1, 3):
+            raise ValueError(f"real inputs need an operator whose measurements are images; {type(op).__name__} "
+                             f"measures shape {m}")
+        ds = IndexedImages(paths, names, size=(m[1], m[2]), crop=crop, mode="gray" if m[0] == 1 else "rgb", key="y")
+    else:
+        ds = IndexedImages(paths, names, size=(shape[1], shape[2]), crop=crop, key="image")
+    ds.check_files()
+    return ds
+
+
+def dataset_paths(dataset_cfg: dict[str, Any]) -> tuple[list[Path], list[str]]:
+    """The image files of ``dataset/`` (path, list, subset, limit) and their output names."""
+    kind = str(dataset_cfg.get("name", "folder"))
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; valid: {', '.join(DATASET_KINDS)}")
     path = dataset_cfg.get("path")
@@ -177,18 +208,7 @@ def build_dataset(dataset_cfg: dict[str, Any], shape: tuple[int, int, int], op: 
     paths = apply_limit(paths, dataset_cfg.get("limit"))
     if not paths:
         raise ValueError(f"dataset {kind!r} at {root} selects no images (check dataset.subset / dataset.limit)")
-    names = image_names(paths, root)
-    crop = bool(dataset_cfg.get("crop", True))
-    if kind == "real":
-        m = tuple(op.measurement_shape)
-        if len(m) != 3 or m[0] not in (1, 3):
-            raise ValueError(f"real inputs need an operator whose measurements are images; {type(op).__name__} "
-                             f"measures shape {m}")
-        ds = IndexedImages(paths, names, size=(m[1], m[2]), crop=crop, mode="gray" if m[0] == 1 else "rgb", key="y")
-    else:
-        ds = IndexedImages(paths, names, size=(shape[1], shape[2]), crop=crop, key="image")
-    ds.check_files()
-    return ds
+    return paths, image_names(paths, root)
 
 
 def signature(plain: dict[str, Any]) -> dict[str, Any]:

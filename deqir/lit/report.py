@@ -28,6 +28,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[col] = float(np.mean(vals))
     if records:
         out["converged_fraction"] = float(np.mean([r.get("status") == "converged" for r in records]))
+    warned = sum(1 for r in records if r.get("warning"))
+    if warned:
+        out["inconsistent"] = warned
     if any(str(r.get("uses_oracle")) == "True" for r in records):
         out["uses_oracle"] = True  # the objective used the ground truth: analysis only, not a restoration result
     return out
@@ -189,6 +192,10 @@ def summary_line(task: str, sampler: str, summary: dict[str, Any], run_dir: Path
     if frac is not None and frac < 1 and summary.get("max_iter"):
         capped = round((1 - frac) * summary["n_images"])
         parts.append(f"{capped}/{summary['n_images']} stopped at the round cap (solver.max_iter={summary['max_iter']})")
+    if summary.get("inconsistent"):
+        parts.append(f"WARNING: {summary['inconsistent']}/{summary['n_images']} restorations inconsistent with "
+                     f"their input (||Ax-y|| far above the noise; the photo's degradation is likely not the task's "
+                     f"operator, or sigma_y is too low: see per_image.csv 'warning')")
     if fid is not None:
         parts.append(f"FID {fid:.2f} (n={summary['n_images']})")
     if summary.get("uses_oracle"):
