@@ -228,10 +228,14 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
 
 def invert_sampler(sampler: dict[str, Any], optimize: dict[str, Any]) -> dict[str, Any]:
     """mode=invert's chain: ``optimize.invert_chain`` = deterministic (etw = nw = 0, one shared z; the default,
-    it reproduces images far better than the stochastic restoration chain) or ``sampler`` (as configured)."""
+    it reproduces images far better than the stochastic restoration chain) or ``sampler`` (as configured).
+    Unconditional inversion (no operator) inverts the whole chain to pure noise: a task's measurement start
+    (``sampler.t_start``) does not apply."""
     kind = str(optimize.get("invert_chain", "sampler"))
     if kind not in ("deterministic", "sampler"):
         raise ValueError(f"optimize.invert_chain must be deterministic or sampler, got {kind!r}")
+    if not optimize.get("invert_with_operator"):  # unconditional: the whole generative chain, from pure noise
+        sampler = {**sampler, "t_start": None}
     if kind == "sampler":
         return sampler
     return {**sampler, "etw": 0.0, "nw": 0.0, "per_step_noise": False}
