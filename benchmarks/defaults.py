@@ -350,7 +350,7 @@ def main(argv=None) -> None:
                     help="invert.py overrides applied to every row (e.g. model=tiny_ddpm for a smoke run)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--model-dtype", default="model", help="invert.py's model_dtype (model = float32)")
-    ap.add_argument("--cache", nargs="+", default=[str(ROOT / "bench_results" / "defaults_cache.jsonl")],
+    ap.add_argument("--cache", nargs="+", default=[str(ROOT / "benchmarks" / "results" / "defaults_cache.jsonl")],
                     help="result cache(s), JSON lines: the first is written, all are read")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report", action="store_true", help="only print the tables from the cache")
