@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, peak_memory, print_table, sync, write_json
 from deqir.datasets.images import read_image_uint8
-from deqir.deq.sampler import sample_deq
+from deqir.samplers.deq import sample_deq
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.metrics.fidelity import psnr as _psnr
 from deqir.models.loading import load_eps_model, packaged_default_path
 from deqir.operators import make_operator

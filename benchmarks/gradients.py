@@ -3,7 +3,7 @@
 One step = what :func:`deqir.optim.optimize_init` does per iteration: build the map, solve the equilibrium
 (warm-started from the previous step, as in the loop), attach the gradient, loss on x0, backward, Adam
 step. The reference is backpropagation through the full T-step sequential chain
-(:func:`deqir.diffusion.sequential.sample_sequential_with_grad`). Each cell runs in a fresh subprocess:
+(:func:`deqir.samplers.sequential.sample_sequential_with_grad`). Each cell runs in a fresh subprocess:
 one untimed step (cold solve, allocator warm-up), then ``--repeats`` timed steps (median reported).
 
 Columns: wall time per step (and its solve / gradient split), peak memory above the pre-step baseline,
@@ -120,7 +120,7 @@ def run_cell(args: argparse.Namespace) -> dict:
     from deqir.deq.solvers import get_solver
     from deqir.diffusion.chain import make_chain
     from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-    from deqir.diffusion.sequential import sample_sequential_with_grad
+    from deqir.samplers.sequential import sample_sequential_with_grad
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -223,7 +223,7 @@ def device_is_linux() -> bool:
 
 def _cosine_vs_sequential(model, coeffs, last: dict, target, method: str) -> float:
     """Cosine between the last step's gradient and the exact one (backprop through the chain at that x_T)."""
-    from deqir.diffusion.sequential import sample_sequential_with_grad
+    from deqir.samplers.sequential import sample_sequential_with_grad
 
     if method == "sequential":
         return 1.0

@@ -34,7 +34,7 @@ from benchmarks.quality import task_operator  # noqa: E402
 from deqir.deq.grad import DEQGradientConfig  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid  # noqa: E402
-from deqir.diffusion.sequential import draw_chain_noise  # noqa: E402
+from deqir.samplers.sequential import draw_chain_noise  # noqa: E402
 from deqir.lit.builders import chain_settings  # noqa: E402
 from deqir.metrics import MetricSuite  # noqa: E402
 from deqir.optim import SolveConfig, optimize_init  # noqa: E402

@@ -27,10 +27,10 @@ from benchmarks.common import machine_info, print_table, write_json  # noqa: E40
 from benchmarks.deq_vs_sequential import load_model, sample_images  # noqa: E402
 from benchmarks.quality import task_operator  # noqa: E402
 from deqir.deq.grad import DEQGradientConfig  # noqa: E402
-from deqir.deq.sampler import sample_deq  # noqa: E402
+from deqir.samplers.deq import sample_deq  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid  # noqa: E402
-from deqir.diffusion.sequential import draw_chain_noise  # noqa: E402
+from deqir.samplers.sequential import draw_chain_noise  # noqa: E402
 from deqir.optim import SolveConfig, optimize_init  # noqa: E402
 from deqir.utils.runtime import tune_allocator  # noqa: E402
 

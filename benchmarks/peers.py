@@ -26,7 +26,7 @@ from benchmarks.quality import restore_with_chain
 from deqir.chains import make_step
 from deqir.chains.peers import EpsDenoiser, coefficients_on
 from deqir.diffusion.schedule import SamplingGrid
-from deqir.diffusion.sequential import sample_sequential
+from deqir.samplers.sequential import sample_sequential
 from deqir.metrics import MetricSuite
 from deqir.operators.base import SVDOperator, _pad_spectral
 from deqir.utils.images import to_unit

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
 from benchmarks.deq_vs_sequential import load_model, psnr, sample_images  # noqa: E402
 from deqir.chains import make_step  # noqa: E402
-from deqir.deq.sampler import sample_deq  # noqa: E402
+from deqir.samplers.deq import sample_deq  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid  # noqa: E402
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential  # noqa: E402
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential  # noqa: E402
 from deqir.lit.builders import chain_settings  # noqa: E402
 from deqir.metrics import MetricSuite  # noqa: E402
 from deqir.operators import make_operator  # noqa: E402

@@ -16,15 +16,13 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
-import deqir
-
 #: Config keys that only the command-line app reads (run directory, logger, Lightning trainer).
 _CLI_ONLY = ("hydra", "logger")
 
 
 def config_dir() -> Path:
     """``conf/`` of the source checkout: the configuration tree ``invert.py`` reads."""
-    return Path(deqir.__file__).resolve().parents[1] / "conf"
+    return Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_config(task: str | None = None, overrides: Sequence[str] | None = None) -> DictConfig:

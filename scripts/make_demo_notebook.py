@@ -41,8 +41,8 @@ from omegaconf import OmegaConf
 
 import deqir
 from deqir.datasets.images import center_crop_resize, read_image, to_tensor
-from deqir.deq.sampler import sample_deq
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.deq import sample_deq
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.lit.builders import build_chain, build_model, build_operator, chain_settings, samples_dir
 from deqir.metrics import psnr
 from deqir.utils.images import to_unit

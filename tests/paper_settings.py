@@ -6,7 +6,7 @@ The library has no defaults for these (the application's settings live in ``conf
 """
 from __future__ import annotations
 
-from deqir.deq.sampler import sample_deq
+from deqir.samplers.deq import sample_deq
 from deqir.optim import SolveConfig
 
 PAPER_SOLVE = {"solver": "anderson", "max_iter": 15, "tol": 1e-3, "stop_mode": "rel"}

@@ -10,7 +10,7 @@ from deqir.chains import CHAINS, make_step
 from deqir.chains.diffpir import DiffPIRStep
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.operators import make_operator
 
 SIZE, T = 8, 6

@@ -20,7 +20,7 @@ from deqir.chains.peers import (
     vp_times,
 )
 from deqir.diffusion.schedule import SamplingGrid
-from deqir.diffusion.sequential import sample_sequential
+from deqir.samplers.sequential import sample_sequential
 from deqir.operators import make_operator
 
 dinv = pytest.importorskip("deepinv")

@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from deqir.api import compose_config
 from deqir.deq.grad import DEQGradientConfig
 from deqir.deq.joint_map import ChainMap
-from deqir.deq.sampler import sample_deq
+from deqir.samplers.deq import sample_deq
 from deqir.deq.solvers import get_solver
 from deqir.diffusion.chain import make_chain
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.optim import SolveConfig, invert_image, optimize_init
 
 REQUIRED = object()  # the parameter has no default

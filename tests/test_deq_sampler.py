@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from deqir.deq.joint_map import ChainMap
-from deqir.deq.sampler import coarse_warm_start
+from deqir.samplers.deq import coarse_warm_start
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.operators import OPERATOR_NAMES, make_operator
 from paper_settings import paper_deq
 from tiny_models import tiny_unet

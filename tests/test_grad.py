@@ -14,7 +14,7 @@ from deqir.deq.joint_map import ChainMap
 from deqir.deq.solvers import picard
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-from deqir.diffusion.sequential import sample_sequential_with_grad
+from deqir.samplers.sequential import sample_sequential_with_grad
 from deqir.operators import make_operator
 from tiny_models import TinyEps, tiny_unet
 

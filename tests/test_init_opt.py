@@ -11,7 +11,7 @@ from deqir.deq.joint_map import ChainMap
 from deqir.deq.solvers import picard
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-from deqir.diffusion.sequential import sample_sequential
+from deqir.samplers.sequential import sample_sequential
 from deqir.metrics import lpips_available
 from deqir.operators import make_operator
 from paper_settings import paper_invert_image, paper_optimize_init, paper_solve

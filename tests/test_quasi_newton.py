@@ -12,7 +12,7 @@ from tiny_models import TinyEps
 from deqir.deq.joint_map import ChainMap
 from deqir.deq.linearize import SpectralGaussianPrior
 from deqir.deq.solvers import quasi_newton
-from deqir.diffusion.sequential import sample_sequential
+from deqir.samplers.sequential import sample_sequential
 from deqir.lit.autotune import choose_schedule, measure_batch_costs
 
 SCORE_MODEL = TinyEps(seed=3, scale=0.2)

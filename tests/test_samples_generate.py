@@ -194,7 +194,7 @@ def test_every_chain_generates_and_ddnm_is_plain_ddim(name):
     from deqir.chains import make_step
     from deqir.diffusion.chain import make_chain
     from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-    from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+    from deqir.samplers.sequential import draw_chain_noise, sample_sequential
     from deqir.operators import make_operator
 
     model, T = TinyEps(), 5

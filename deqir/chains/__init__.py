@@ -1,7 +1,7 @@
 """Zero-shot restoration chains as step functions (one step per slot; see :mod:`deqir.chains.base`).
 
 ``make_step(name, coeffs, operator=, y=, z=, sigma_y=, clip_x0=, **params)`` binds a chain to one problem;
-the same object drives :func:`deqir.diffusion.sequential.sample_sequential` (``step_fn=``) and the DEQ step
+the same object drives :func:`deqir.samplers.sequential.sample_sequential` (``step_fn=``) and the DEQ step
 form (:class:`deqir.deq.joint_map.ChainMap`, ``step_fn=``).
 """
 from __future__ import annotations

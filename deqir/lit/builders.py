@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-import deqir
 from deqir.chains import chain_params
 from deqir.datasets.images import (IndexedImages, apply_limit, image_names, list_images, read_split_list,
                                    select_subset)
@@ -32,7 +31,7 @@ _MODEL_KEYS = ("arch", "config", "ckpt_path", "dtype", "source", "strict", "seed
 
 def samples_dir() -> Path:
     """``data/samples`` of the source checkout (editable install)."""
-    return Path(deqir.__file__).resolve().parents[1] / "data" / "samples"
+    return Path(__file__).resolve().parents[2] / "data" / "samples"
 
 
 def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from deqir.chains import ChainStep, make_step
 from deqir.deq.joint_map import evaluate_in_chunks
-from deqir.deq.sampler import sample_deq
+from deqir.samplers.deq import sample_deq
 from deqir.diffusion.chain import ChainCoefficients
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.lit.distributed import TimestepParallelEvaluator
 from deqir.lit.samples import expand, sample_seed, summarize_samples
 from deqir.metrics import MetricSuite, colorization_consistency, consistency

@@ -9,7 +9,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.models.export import save_eps_model
 from deqir.utils.images import grid, save_png, to_unit
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.protocols import EpsModel, LinearOperator
 from deqir.diffusion.schedule import SamplingGrid
-from deqir.diffusion.sequential import sample_sequential
+from deqir.samplers.sequential import sample_sequential
 from deqir.deq.joint_map import ChainMap, EpsEvaluator
 from deqir.deq.linearize import SpectralGaussianPrior
 from deqir.deq.solvers import SolverStats, get_solver, solver_options

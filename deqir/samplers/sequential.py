@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deqir.chains import eps_and_vjp, slot_vjp
 from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.protocols import EpsModel, LinearOperator
 
@@ -94,8 +95,6 @@ def sample_sequential_with_grad(model, coeffs, x_T, *, operator=None, y=None, z=
 
 def _run_steps(model, coeffs, x_T, step_fn, callback, return_trajectory):
     """x_{j+1} = step_fn(x_j, eps_theta(x_j, t_j)) for j = 0..T-1 (one slot at a time, as the DEQ step form)."""
-    from deqir.chains import eps_and_vjp, slot_vjp
-
     T = len(coeffs)
     x, traj = x_T, []
     for j in range(T):
