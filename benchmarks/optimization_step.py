@@ -38,7 +38,7 @@ from benchmarks.deq_vs_sequential import load_model, sample_images  # noqa: E402
 from deqir.deq.grad import DEQGradientConfig  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid  # noqa: E402
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential, sample_sequential_with_grad  # noqa: E402
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential, sample_sequential_with_grad  # noqa: E402
 from deqir.operators import make_operator  # noqa: E402
 from deqir.optim import SolveConfig, optimize_init  # noqa: E402
 from deqir.optim.inversion import ddim_invert  # noqa: E402
@@ -92,7 +92,7 @@ def measure(mode: str, label: str, model, x, T: int, steps: int, lr: float) -> d
         res = optimize_init(model, co, x_T, losses=kw["losses"], reference=kw.get("reference"),
                             reference_kind=kw.get("reference_kind", "lpips"), steps=steps, lr=lr, solve=solve,
                             gradient=grad, map_form="step", callback=on_step, **extra)
-    per_step = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    per_step = [b - a for a, b in zip(stamps[:-1], stamps[1:])]  # the last interval has no backward
     step_s = statistics.median(per_step[:-1] or per_step)
     return {"mode": mode, "gradient": label, "T": T, "size": x.shape[-1], "images": x.shape[0],
             "restore_s": t_restore, "step_s": step_s, "ratio": step_s / t_restore,
@@ -140,6 +140,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="Adam steps per configuration (timed: all but the last)")
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--no-cosine", dest="cos", action="store_false")
+    ap.add_argument("--picard-steps", type=int, default=1,
+                    help="timed steps of the (slow) 'ift picard' configuration; its cosine is not measured")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -150,9 +152,9 @@ def main(argv=None) -> None:
     rows = []
     for mode in args.modes:
         for label in args.configs:
-            steps = min(args.steps, 2) if label == "ift picard" else args.steps
-            r = measure(mode, label, model, x, args.T, steps, args.lr)
-            if args.cos:
+            picard = label == "ift picard"
+            r = measure(mode, label, model, x, args.T, args.picard_steps + 1 if picard else args.steps, args.lr)
+            if args.cos and not picard:
                 r["cosine"] = cosine(mode, label, model, x[:1], args.T)
             rows.append(r)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)

@@ -31,6 +31,7 @@ class OptimizationSettings:
     min_improvement: float
     stop_below: float | None
     invert_init: str
+    invert_init_iters: int
     invert_with_operator: bool
     prior_weight: float
 
@@ -201,6 +202,7 @@ class InversionModule(InitOptimizationModule):
         res = invert_image(
             self.model, self.coeffs, p.target, operator=self.operator if with_op else None,
             y=p.y if with_op else None, z=p.z, init=opt.invert_init if opt.invert_init != "noise" else p.x_T,
+            init_iters=opt.invert_init_iters,
             steps=opt.steps, lr=opt.lr, prior_weight=opt.prior_weight, patience=opt.patience,
             min_improvement=opt.min_improvement, stop_below=opt.stop_below, solve=self.solve_config(),
             gradient=self.gradient_config(), max_batch=self.max_batch(), callback=self._progress(p),
