@@ -214,7 +214,7 @@ def report_eval(args) -> str:
         ("objective", "objective", ""), ("chain", "chain", ""), ("task", "task", ""), ("n", "images", "d"),
         ("psnr_before", "PSNR before", ".2f"), ("psnr_after", "after", ".2f"), ("d_psnr", "Δ PSNR [95 % CI]", ""),
         ("lpips_before", "LPIPS before", ".3f"), ("lpips_after", "after", ".3f"), ("d_lpips", "Δ LPIPS [95 % CI]", ""),
-        ("moved", "images improved", "d"), ("s", "s / image", ".0f")])
+        ("moved", "objective lowered (images)", "d"), ("s", "s / image", ".0f")])
 
 
 def main(argv=None) -> None:
