@@ -134,7 +134,8 @@ def run_eval(args) -> None:
     path = out / "results.jsonl"
     done = set()
     if path.is_file():
-        done = {(r["objective"], r["chain"], r["task"], r["image"]) for r in map(json.loads, path.read_text().splitlines())}
+        done = {(r["objective"], r["chain"], r["task"], r["image"], json.dumps(r["override"]), r["lr"])
+                for r in map(json.loads, path.read_text().splitlines())}
     model, _ = load_model(torch.device("cpu"), "float32")
     names, xs = eval_images(args.size, args.eval)
     suite = MetricSuite(lpips_net=args.lpips, device=torch.device("cpu"))
@@ -145,7 +146,7 @@ def run_eval(args) -> None:
     for task in args.tasks:
         for chain in args.chains:
             for name, x in zip(names, xs):
-                key = (args.objective, chain, task, name)
+                key = (args.objective, chain, task, name, json.dumps(args.override), args.lr)
                 if key in done:
                     continue
                 x = x[None]
@@ -196,12 +197,14 @@ def report_eval(args) -> str:
     rows = [json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines() if line]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["objective"], r["chain"], r["task"], r.get("peer", "")), []).append(r)
+        groups.setdefault((r["objective"], r["chain"], r["task"], r.get("peer", ""), " ".join(r["override"] or []),
+                           r["lr"]), []).append(r)
     table = []
-    for (obj, chain, task, peer), rs in groups.items():
+    for (obj, chain, task, peer, over, lr), rs in groups.items():
         dp = paired_difference([r["psnr_after"] for r in rs], [r["psnr_before"] for r in rs])
         dl = paired_difference([r["lpips_after"] for r in rs], [r["lpips_before"] for r in rs])
-        table.append({"objective": obj + (f" (to {peer})" if peer else ""), "chain": chain, "task": task, "n": len(rs),
+        table.append({"objective": obj + (f" (to {peer})" if peer else ""), "chain": chain + (f" ({over})" if over else ""),
+                      "task": task, "lr": lr, "n": len(rs),
                       "psnr_before": statistics.fmean(r["psnr_before"] for r in rs),
                       "psnr_after": statistics.fmean(r["psnr_after"] for r in rs),
                       "d_psnr": f"{dp['mean']:+.2f} [{dp['lo']:+.2f}, {dp['hi']:+.2f}]",
@@ -211,7 +214,8 @@ def report_eval(args) -> str:
                       "moved": sum(r["best_step"] > 0 for r in rs),
                       "s": statistics.fmean(r["seconds"] for r in rs)})
     return print_table(table, [
-        ("objective", "objective", ""), ("chain", "chain", ""), ("task", "task", ""), ("n", "images", "d"),
+        ("objective", "objective", ""), ("chain", "chain", ""), ("task", "task", ""), ("lr", "Adam lr", ""),
+        ("n", "images", "d"),
         ("psnr_before", "PSNR before", ".2f"), ("psnr_after", "after", ".2f"), ("d_psnr", "Δ PSNR [95 % CI]", ""),
         ("lpips_before", "LPIPS before", ".3f"), ("lpips_after", "after", ".3f"), ("d_lpips", "Δ LPIPS [95 % CI]", ""),
         ("moved", "objective lowered (images)", "d"), ("s", "s / image", ".0f")])

@@ -172,6 +172,10 @@ def report(args, out: Path) -> None:
                 mean = [statistics.fmean(r["trace"][k] for r in rs) for k in range(L)]
                 ax.plot(range(L), mean, marker="o", ms=3, label=f"{cfg} (n={len(rs)})")
             ax.axhline(35, color="gray", ls="--", lw=0.8)
+            for cfg, by in per.items():  # the starts without any gradient step, for scale
+                if cfg != "ddim":
+                    ax.axhline(statistics.fmean(r["psnr"] for r in by.values()), color="black", ls=":", lw=1,
+                               label=f"{cfg} start, no gradient (n={len(by)})")
             ax.set_xlabel("Adam steps")
             ax.set_ylabel("PSNR of x0 to the image (dB)")
             ax.set_title("DEQ inversion, T = 25, 128 px, CPU")
