@@ -33,15 +33,22 @@ warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigSto
 @hydra.main(version_base="1.3", config_path="conf", config_name="invert")
 def main(cfg: DictConfig) -> float | None:
     from deqir.lit.app import USER_ERRORS, run_invert
+    from deqir.lit.stopping import RunStopped
 
     try:
         summary = run_invert(cfg)
+    except RunStopped as stop:  # SIGTERM / SIGINT / SLURM pre-emption: finished images are kept
+        if os.environ.get("DEQIR_TRACEBACK"):
+            raise
+        if stop.rank == 0:
+            print(stop.message(), file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except USER_ERRORS as err:
         if os.environ.get("DEQIR_TRACEBACK"):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
-    return None if not summary else summary.get("psnr")
+    return None if not summary else summary.get("objective")  # what a sweeper optimises (objective/, docs/app.md)
 
 
 if __name__ == "__main__":

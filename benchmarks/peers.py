@@ -48,11 +48,19 @@ def physics_of(op: SVDOperator, sigma: float):
         noise_model=dinv.physics.GaussianNoise(sigma=sigma))
 
 
-def run_deepinv(name: str, model, op, y01: torch.Tensor, sigma_y: float, steps: int, seed: int):
-    """One image (1, C, H, W) with deepinv's ``name``; returns (x on [-1, 1], model evaluations incl. VJPs)."""
+def run_deepinv(name: str, model, op, y01: torch.Tensor, sigma_y: float, steps: int, seed: int,
+                own_grid: bool = False):
+    """One image (1, C, H, W) with deepinv's ``name``; returns (x on [-1, 1], model evaluations incl. VJPs).
+
+    ``own_grid``: DDRM on deepinv's own default grid (sigma linear from 1 to 0 on [0, 1] images, 100 steps, started
+    from y) instead of our ``steps``-step uniform grid."""
     import deepinv as dinv
 
     den = EpsDenoiser(model)
+    if name == "DDRM" and own_grid:
+        algo = dinv.sampling.DDRM(den, eta=0.85, etab=1.0)
+        x = algo(y01.clone(), physics_of(op, sigma_y), seed=seed + 1)
+        return 2 * x - 1, len(algo.sigmas)
     if name == "DDRM":
         grid = SamplingGrid.create(steps)
         co = coefficients_on(list(grid.t), list(grid.t_next))

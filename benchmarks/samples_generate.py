@@ -40,7 +40,7 @@ def diversity(args) -> list[dict]:
         over = [f"sampler.timesteps={args.T}", f"num_samples={args.K}", f"sampler={args.diversity_sampler}",
                 *args.override]
         start = time.perf_counter()
-        res = deqir.restore(x, task=task, overrides=over)
+        res = deqir.evaluate(x, task=task, overrides=over)
         sec = time.perf_counter() - start
         st = res.stats
         mean = lambda k: sum(float(r[k]) for r in st) / len(st) if all(k in r for r in st) else None  # noqa: E731

@@ -9,15 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["RestoreResult", "Restorer", "__version__", "compose_config", "generate", "restore"]
+__all__ = ["RestoreResult", "Restorer", "__version__", "compose_config", "evaluate", "generate", "restore"]
 
 if TYPE_CHECKING:
-    from deqir.api import Restorer, RestoreResult, compose_config, generate, restore
+    from deqir.api import Restorer, RestoreResult, compose_config, evaluate, generate, restore
 
 
 def __getattr__(name: str) -> Any:
     """The API is imported on first use, so ``import deqir`` stays light (no Hydra/Lightning import)."""
-    if name in ("Restorer", "RestoreResult", "compose_config", "generate", "restore"):
+    if name in ("Restorer", "RestoreResult", "compose_config", "evaluate", "generate", "restore"):
         from deqir import api
 
         return getattr(api, name)

@@ -92,3 +92,38 @@ def test_two_processes_match_one(single_run, tmp_path, timesteps):
     assert "3 images" in proc.stdout
     # one summary line, printed once (rank 0 only)
     assert sum("images |" in ln for ln in proc.stdout.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_match_one_process(single_run, tmp_path):
+    """Multi-node without SLURM (docs/app.md "Multi-GPU and clusters"): two processes as two nodes on localhost
+    (MASTER_ADDR / MASTER_PORT / NODE_RANK, num_nodes=2 x devices=1), timestep-parallel over gloo, write the
+    same bytes as one process."""
+    import subprocess
+    import sys
+
+    from app_support import REPO
+
+    run, port = tmp_path / "nodes", _free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    procs = []
+    for node in (0, 1):
+        env = {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "NODE_RANK": str(node)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "invert.py"), *TINY_CLI, "trainer=ddp", "trainer.accelerator=cpu",
+             "trainer.num_nodes=2", "trainer.devices=1", "parallel.timesteps=true", f"hydra.run.dir={run}"],
+            cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    for sub in ("images", "inputs", "targets"):
+        names = sorted(p.name for p in (single_run / sub).glob("*.png"))
+        assert names == ["astronaut.png", "chelsea.png", "coffee.png"]
+        for name in names:
+            assert (run / sub / name).read_bytes() == (single_run / sub / name).read_bytes(), f"{sub}/{name}"
+    for x, y in zip(_rows(single_run), _rows(run)):  # the solver residual is a reduction over the split slots
+        assert {k: v for k, v in x.items() if k not in ("seconds", "residual")} == \
+               {k: v for k, v in y.items() if k not in ("seconds", "residual")}
+        assert float(x["residual"]) == pytest.approx(float(y["residual"]), rel=1e-4)
+    assert [sum("images |" in ln for ln in out.splitlines()) for out, _ in outs] == [1, 0]  # node 0 reports

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 
 from app_support import TINY as _TINY
 from app_support import error_lines, run_cli, run_inprocess
@@ -54,6 +55,7 @@ def test_invert_mode_reconstructs(tmp_path):
         assert float(r["psnr"]) > float(r["psnr_init"])
 
 
+@pytest.mark.slow
 def test_inference_mode_trainer_fails_clearly(tmp_path):
     res = run_cli([*TINY, "mode=optimize_init", "optimize.steps=1", "+trainer.inference_mode=true",
                    f"hydra.run.dir={tmp_path / 'im'}"])
@@ -62,6 +64,7 @@ def test_inference_mode_trainer_fails_clearly(tmp_path):
     assert any("inference_mode" in ln for ln in lines), res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_reference_loss_needs_an_image(tmp_path):
     res = run_cli([*TINY, "mode=optimize_init", "task=colorize", "optimize.losses.reference=1",
                    f"hydra.run.dir={tmp_path / 'ref'}"])

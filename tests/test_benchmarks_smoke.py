@@ -68,3 +68,76 @@ def test_samples_generate_benchmark(tmp_path):
     gen = {r["sampler"]: r for r in data["generation"]}
     assert gen["sequential"]["psnr_to_seq"] == 100 and gen["picard"]["rounds"] == 4
     assert gen["picard"]["psnr_to_seq"] > 60  # Picard with T rounds is the sequential chain
+
+
+def _photos(folder: Path, n: int = 3, size: int = 32) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = rng.uniform(0, 255, (size // 4, size // 4, 3)).astype(np.uint8)
+        Image.fromarray(base).resize((size, size), Image.BICUBIC).save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_defaults_benchmark_pairs_rows_and_applies_the_rule(tmp_path):
+    """benchmarks/defaults.py: every row runs the app's configuration on the same photos, the paired differences
+    are those of the per-image values in the cache, and the rule's decision is reported; resuming runs nothing."""
+    photos = _photos(tmp_path / "photos")
+    args = ["--tasks", "deblur", "--grid", "--configs", "skip_type=quad", "skip_type=karras,T=4",
+            "--images", str(photos), "--limit", "3", "--batch", "2", "--cache", str(tmp_path / "c.jsonl"),
+            "--override", "model=tiny_ddpm", "sampler.timesteps=3", "eval.lpips=null"]
+    data = run_bench("defaults.py", args, tmp_path / "d.json")
+    res = data["tasks"]["deblur"]
+    rows = {r["config"]: r for r in res["rows"]}
+    assert set(rows) == {"baseline", "default", "skip_type=quad", "skip_type=karras,T=4"}
+    assert rows["default"]["work"] == 3 and rows["skip_type=karras,T=4"]["work"] == 4 and rows["baseline"]["work"] == 0
+    lines = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    per = {(r["config"], r["image"]): r["psnr"] for r in lines}
+    diff = sum(per[("skip_type=quad", f"p{i}")] - per[("default", f"p{i}")] for i in range(3)) / 3
+    assert math.isclose(rows["skip_type=quad"]["d_psnr_default"], diff, rel_tol=1e-9, abs_tol=1e-12)
+    lo, hi = rows["skip_type=quad"]["ci_psnr_default"]
+    assert lo <= diff <= hi
+    assert res["decision"]["winner"] in ("default", "skip_type=quad")  # karras,T=4 costs more: never chosen
+    again = run_bench("defaults.py", args, tmp_path / "d2.json")
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == len(lines)  # cached: nothing re-ran
+    assert again["tasks"]["deblur"]["rows"] == res["rows"]
+
+
+def test_paired_interval_matches_the_t_distribution():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.stats import paired
+
+    r = paired([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    assert r["mean"] == 2.5 and r["n"] == 4
+    half = 3.182446305284263 * (5 / 3) ** 0.5 / 2  # t_{0.975, 3} * sd / sqrt(n)
+    assert math.isclose(r["hi"] - r["mean"], half, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="equally long"):
+        paired([1.0], [1.0, 2.0])
+
+
+@pytest.mark.slow
+def test_real_degradations_benchmark(tmp_path):
+    tiny = ["model=tiny_ddpm", "model_dtype=model", "sampler=sequential", "sampler.timesteps=4", "eval=fast"]
+    data = run_bench("real_degradations.py", ["--images", "1", "--size", "16", "--width", "16", "--rows",
+                                              "scipy reflect blur", "PIL bicubic x4 down", "deqir sr4 (simulated)",
+                                              "--override", *tiny], tmp_path / "r.json")
+    rows = {r["degradation"]: r for r in data["rows"]}
+    assert set(rows) == {"scipy reflect blur", "PIL bicubic x4 down", "deqir sr4 (simulated)"}
+    blur = rows["scipy reflect blur"]
+    assert blur["psnr_baseline"] is not None and blur["sigma_y"] > 0 and blur["flagged"].endswith("/1")
+    assert all(math.isfinite(r["psnr_restored"]) for r in rows.values())
+
+
+@pytest.mark.slow
+def test_big_photo_benchmark(tmp_path):
+    data = run_bench("big_photo.py", ["--width", "40", "--height", "30", "--memory-limit", "0.0001", "null",
+                                      "--override", "model=tiny_ddpm", "model_dtype=model", "sampler.timesteps=4",
+                                      "solver=anderson", "solver.max_iter=4"], tmp_path / "b.json")
+    bounded, free = data["rows"]
+    assert bounded["max_batch"] == 1 and free["max_batch"] is None  # the bound binds; no bound, no micro-batch
+    assert bounded["psnr_restored"] == pytest.approx(free["psnr_restored"], abs=1e-6)  # results do not depend on it
+    assert bounded["peak_mb"] >= 0 and bounded["seconds"] > 0

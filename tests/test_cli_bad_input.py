@@ -34,17 +34,20 @@ def _save_tiny(path, arch="ddpm", nan=False):
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_missing_checkpoint(tmp_path):
     proc = run_cli([*TINY, f"model.ckpt_path={tmp_path}/nope.pt", f"hydra.run.dir={tmp_path}/run"])
     assert_one_error(proc, "checkpoint not found", "nope.pt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture(tmp_path):
     ckpt = _save_tiny(tmp_path / "adm.pt", arch="adm")
     proc = run_cli([*TINY, f"model.ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/run"])
     assert_one_error(proc, "does not fit arch 'ddpm'")
 
 
+@pytest.mark.slow
 def test_nan_in_model_output(tmp_path):
     ckpt = _save_tiny(tmp_path / "nan.pt", nan=True)
     proc = run_cli([*TINY, f"model.ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/run"])
@@ -66,12 +69,14 @@ def test_corrupt_image_leaves_finished_outputs_intact(tmp_path):
         assert path.read_bytes() == data, path
 
 
+@pytest.mark.slow
 def test_image_size_the_task_cannot_take(tmp_path):
     proc = run_cli([*TINY, "task=sr8", "dataset.size=20", f"hydra.run.dir={tmp_path}/run"])
     assert_one_error(proc, "not divisible by the scale factor 8")
 
 
-@pytest.mark.parametrize("override,valid", [("task=deblurr", "deblur_aniso"), ("solver=newton", "anderson")])
+@pytest.mark.parametrize("override,valid", [("task=deblurr", "deblur_aniso"),
+                                            pytest.param("solver=newton", "anderson", marks=pytest.mark.slow)])
 def test_unknown_names_list_the_valid_options(tmp_path, override, valid):
     proc = run_cli([override, f"hydra.run.dir={tmp_path}/run"])
     assert proc.returncode != 0
@@ -234,6 +239,7 @@ def test_16bit_colour_tiff_says_it_is_read_at_8_bits(tmp_path):
         assert read_image(tmp_path / "scan.tif").shape == (4, 5, 3)
 
 
+@pytest.mark.slow
 def test_pixel_limit_refuses_before_decoding_and_shrinks_jpegs(tmp_path, monkeypatch):
     from deqir.datasets.images import read_image
 
@@ -278,6 +284,7 @@ def test_training_photos_are_read_by_the_one_reader(tmp_path):
         load_folder_photos(tmp_path / "alpha")
 
 
+@pytest.mark.slow
 def test_read_only_or_impossible_run_directory_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     proc = run_cli([*TINY, f"hydra.run.dir={tmp_path}/afile/run"])
@@ -289,6 +296,7 @@ def test_read_only_or_impossible_run_directory_is_one_line(tmp_path):
         assert_one_error(run_cli([*TINY, f"hydra.run.dir={tmp_path}/ro/run"]), "not writable")
 
 
+@pytest.mark.slow
 def test_refused_lpips_weights_are_one_line(tmp_path):
     import os
     import pickle

@@ -145,6 +145,7 @@ def test_sweep_files_are_valid_overrides():
         compose_cfg(overrides)  # every swept key exists (no '+' needed)
 
 
+@pytest.mark.slow
 def test_help_lists_the_groups():
     proc = run_cli(["--help"], timeout=120)
     assert proc.returncode == 0

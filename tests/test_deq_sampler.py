@@ -90,7 +90,7 @@ def test_picard_error_contracts_round_by_round():
     assert errs[-1] < 1e-9
 
 
-SOLVER_CASES = [(T, task, solver, options, max_iter)
+SOLVER_CASES = [pytest.param(T, task, solver, options, max_iter, marks=[pytest.mark.slow] if T == 50 else [])
                 for T in (10, 25, 50) for task in ("sr_bicubic", "inpaint")
                 for solver, options, max_iter in [("anderson", {}, 40), ("anderson", {"mixing": "slot"}, 40),
                                                   ("sliding_window", {"window": 8}, None)]
@@ -253,7 +253,8 @@ def test_step_form_picard_T_rounds_is_the_sequential_chain(task, clip):
         assert (op.A(res.x0) - y).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("solver,options,max_iter", [("picard", {}, 40), ("sliding_window", {"window": 4}, None)])
+@pytest.mark.parametrize("solver,options,max_iter", [pytest.param("picard", {}, 40, marks=pytest.mark.slow),
+                                                     ("sliding_window", {"window": 4}, None)])
 def test_step_form_solvers_reach_the_stochastic_chain(solver, options, max_iter):
     """(Anderson on this random, strongly expansive UNet does not converge in the step form; on the trained
     default model it reaches 45 dB to the sequential chain in 6-8 rounds — benchmarks/deq_vs_sequential.py.)"""

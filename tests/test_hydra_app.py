@@ -20,7 +20,8 @@ def test_trainer_keys_reach_lightning(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, needle", [("+trainer.no_such_arg=1", "no_such_arg"),
-                                              ("+callbacks.bad._target_=no.such.Class", "callbacks.bad")])
+                                              pytest.param("+callbacks.bad._target_=no.such.Class", "callbacks.bad",
+                                                           marks=pytest.mark.slow)])
 def test_unknown_keys_are_one_line_errors(tmp_path, override, needle):
     proc = run_cli([*TINY, override, f"hydra.run.dir={tmp_path}"], timeout=300)
     assert proc.returncode == 2

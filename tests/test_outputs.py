@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from app_support import REPO, TINY, run_cli
 
 
@@ -21,6 +23,7 @@ def test_invert_log_summary_and_live_per_image_logging(tmp_path):
     assert any(r.get("metrics/psnr") for r in rows)  # and the run's means at the end
 
 
+@pytest.mark.slow
 def test_unconditional_inversion_reports_honestly(tmp_path):
     proc = run_cli([*TINY, "mode=invert", "optimize.steps=1", "dataset.limit=1", f"hydra.run.dir={tmp_path}"],
                    timeout=300)

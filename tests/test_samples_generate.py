@@ -178,6 +178,7 @@ def test_generate_refuses_optimisation(tmp_path):
         run_inprocess([*TINY, "task=generate", "mode=optimize_init", "trainer.inference_mode=false"], tmp_path / "r")
 
 
+@pytest.mark.slow
 def test_generate_cli_summary(tmp_path):
     proc = run_cli(["debug=tiny", "task=generate", "task.num_images=2", "solver=anderson",
                     f"hydra.run.dir={tmp_path / 'run'}"])
@@ -220,7 +221,7 @@ def test_python_api_generate_and_samples(generated):
         saved = pixels(generated / "images" / f"{r['name']}.png").astype(int)
         ours = (result.images[i].permute(1, 2, 0).numpy() * 255).round().astype(int)
         assert np.abs(saved - ours).max() <= 1  # the CLI's images
-    restored = deqir.restore(torch.rand(1, 3, 32, 32), task="sr2", overrides=[*TINY, "num_samples=2"])
+    restored = deqir.evaluate(torch.rand(1, 3, 32, 32), task="sr2", overrides=[*TINY, "num_samples=2"])
     assert restored.samples.shape == (1, 2, 3, 32, 32)
     assert torch.allclose(restored.images, restored.samples.mean(dim=1), atol=1e-6)
     with pytest.raises(ValueError, match="deqir.generate"):

@@ -99,6 +99,7 @@ def test_train_has_its_own_config_tree():
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
 
 
+@pytest.mark.slow
 def test_unknown_trainer_key_is_an_error(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "+trainer.no_such_arg=1",
                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=ENV, cwd=str(REPO),

@@ -37,6 +37,7 @@ class ChainCoefficients:
     c1: Tensor  # fresh-noise coefficient
     c2: Tensor  # eps coefficient
     lam: Tensor  # range-space correction weight (1 = hard DDNM)
+    from_measurement: bool = False  # the chain starts at t[0] < N from the measurement (SamplingGrid.from_measurement)
 
     def __len__(self) -> int:
         return int(self.t.numel())
@@ -87,4 +88,14 @@ def make_chain(
         injected = torch.sqrt(a_next) * sigma_y_eff
         lam = torch.clamp(s_next / injected, max=1.0)
         c2 = torch.sqrt(torch.clamp(c2**2 - (lam * injected) ** 2, min=0.0))
-    return ChainCoefficients(t=t, a=a, a_next=a_next, c1=c1, c2=c2, lam=lam)
+    return ChainCoefficients(t=t, a=a, a_next=a_next, c1=c1, c2=c2, lam=lam,
+                             from_measurement=bool(getattr(grid, "from_measurement", False)))
+
+
+def diffuse(x0: Tensor, noise: Tensor, a: float) -> Tensor:
+    """The forward process to level a = alpha_bar(t): sqrt(a) x0 + sqrt(1 - a) noise (DDPM eq. 4), shapes of x0.
+
+    A chain truncated at t_start < N starts from its measurement this way (CCDF, Chung et al. 2022; DDRM): x0 is
+    the estimate A^+ y and the noise is the image's own x_T draw, so the randomness stays per image.
+    """
+    return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * noise

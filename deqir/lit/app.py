@@ -31,6 +31,8 @@ from deqir.lit.optimization import InitOptimizationModule, InversionModule
 from deqir.lit.progress import ImageProgressBar
 from deqir.lit.restoration import RestorationError, RestorationModule
 from deqir.lit.samples import check_num_samples
+from deqir.lit.search import Objective
+from deqir.lit.stopping import RunStopped, StopOnSignal, StopRequest, owns_requeue_signal, requeue_job, stop_on_signals
 from deqir.lit.writer import RestorationWriter, RunStore
 from deqir.metrics import MetricUnavailableWarning
 from deqir.utils.runtime import tune_allocator
@@ -55,58 +57,105 @@ def run_invert(cfg: DictConfig) -> dict[str, Any] | None:
     pl.seed_everything(int(plain["seed"]), workers=True, verbose=False)
 
     task = plain["task"]
-    dataset, op, model, shape = _data_and_model(plain)
+    model = builders.build_model(plain["model"])
+    if _real(plain):  # the user's own photos: each restored at its own size, grouped by shape and sigma_y
+        from deqir.lit.real import real_jobs
+
+        dataset, jobs = real_jobs(plain, store, RUN_LOG)
+        task = plain["task"]
+    else:
+        dataset, op, shape = _data_and_shape(plain, model)
+        jobs = [(plain, op, shape, None)]
     reference = None
     if _generating(plain):  # the dataset's images are only FID's reference set (and dataset.size=null's size)
         reference, dataset = dataset, GeneratedIndices(task.get("num_images"))
     store.num_samples = int(plain.get("num_samples", 1))
     timestep_parallel = bool((plain.get("parallel") or {}).get("timesteps", False))
-    module = build_module(plain, op, model, shape, timestep_parallel=timestep_parallel)
-    choice_file = run_dir / "solver_choice.json"  # solver=auto: a resumed run reuses its first measurement
-    if choice_file.is_file() and hasattr(module, "auto_choice"):
-        module.auto_choice = AutoChoice.from_dict(json.loads(choice_file.read_text()))
-    elif hasattr(module, "auto_choice") and rank_zero_only.rank == 0:  # kept as soon as it is made (kill -9 safe)
-        module.on_auto_choice = lambda c: choice_file.write_text(json.dumps(c.as_dict(), indent=2))
-    if hasattr(module, "auto_batch_images"):
-        module.auto_batch_images = int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
-
     store.prepare(dataset.paths, batch_size=int(plain.get("batch_size", 1)))  # inputs outside the run dir, hashes
     if rank_zero_only.rank == 0:
         store.check_signature(builders.signature(plain), resume=bool(plain.get("resume", True)))
-    datamodule = RestorationDataModule(dataset, batch_size=int(plain.get("batch_size", 1)),
-                                       num_workers=int(plain.get("num_workers", 0)),
-                                       done=lambda: store.done_indices(dataset.names),
-                                       sharded=not timestep_parallel)
     writer = RestorationWriter(store, rank_zero_only=timestep_parallel)
     task_label = "invert" if _unconditional(plain) else _choice("task", str(task["name"]))
-    todo = datamodule.compute_todo()
-    trainer = None
+
+    done = store.done_indices(dataset.names)  # once: each group's images are written by that group only
+
+    def datamodule(indices):
+        return RestorationDataModule(dataset, batch_size=int(plain.get("batch_size", 1)),
+                                     num_workers=int(plain.get("num_workers", 0)),
+                                     done=lambda: done, sharded=not timestep_parallel, indices=indices)
+
+    todo = [i for *_, indices in jobs for i in datamodule(indices).compute_todo()]
+    trainer, logger = None, None
     if todo:
         logger = build_logger(plain.get("logger"), run_dir)
-        trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
-                                callbacks=[writer, _progress_bar(store, todo, task_label), PerImageLogger(),
-                                           *build_callbacks(plain.get("callbacks"))])
         if logger:
             rank_zero_only(logger.log_hyperparams)(plain)
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
-        if not trainer.is_global_zero:
-            return None
-    elif rank_zero_only.rank != 0:
+        bar = _progress_bar(store, todo, task_label)
+    stop, requeue = StopRequest(), bool(plain.get("slurm_requeue", True)) and owns_requeue_signal()
+    with stop_on_signals(stop, requeue):
+        try:
+            for job_plain, op, shape, indices in jobs:
+                dm = datamodule(indices)
+                if not dm.compute_todo():
+                    continue
+                op = op if op is not None else builders.build_operator(job_plain["task"], shape)  # one group's
+                module = build_module(job_plain, op, model, shape, timestep_parallel=timestep_parallel,
+                                      any_size=indices is not None)
+                _share_auto_choice(module, run_dir / "solver_choice.json")
+                if hasattr(module, "auto_batch_images"):
+                    module.auto_batch_images = int(plain.get("batch_size", 1)) * int(plain.get("num_samples", 1))
+                trainer = build_trainer(plain["trainer"], run_dir, logger, timestep_parallel,
+                                        callbacks=[StopOnSignal(stop, requeue), writer, bar, PerImageLogger(),
+                                                   *build_callbacks(plain.get("callbacks"))])
+                trainer.predict(module, datamodule=dm, return_predictions=False)
+                del module, op
+        except Exception as err:  # finished images are on disk; say so, requeue on SLURM's signal
+            if stop.signum is None:
+                raise
+            # RunStopped, or a collective that failed because another rank stopped first
+            stopped = err if isinstance(err, RunStopped) else RunStopped(stop.signum, stop.requeue)
+            stopped.rank = rank_zero_only.rank
+            if stopped.requeue and stopped.rank == 0:
+                stopped.note = requeue_job()
+            stopped.done, stopped.total = len(store.done_indices(dataset.names)), len(dataset.names)
+            stopped.run_dir = run_dir
+            if stopped is err:
+                raise
+            raise stopped from err
+    if rank_zero_only.rank != 0 or (trainer is not None and not trainer.is_global_zero):
         return None
     return finalize(plain, store, writer, trainer, task_label, dataset.names, reference=reference)
 
 
-def _data_and_model(plain: dict[str, Any]):
-    """Dataset, operator, ε-model and image shape; ``dataset.size=null`` = the images' own size (cut to the
-    model's stride). Says (one ``note:`` line) when images are resized."""
+def _share_auto_choice(module, choice_file: Path) -> None:
+    """solver=auto: a resumed run (and every later group of photos) reuses the run's first measurement, kept in
+    ``solver_choice.json`` as soon as it is made (kill -9 safe)."""
+    if not hasattr(module, "auto_choice"):
+        return
+    if choice_file.is_file():
+        module.auto_choice = load_auto_choice(choice_file)
+    elif rank_zero_only.rank == 0:
+        module.on_auto_choice = lambda c: choice_file.write_text(json.dumps(c.as_dict(), indent=2))
+
+
+def load_auto_choice(choice_file: Path) -> AutoChoice:
+    """The solver=auto choice kept in a run directory; a corrupt file is a one-line error naming it."""
+    try:
+        return AutoChoice.from_dict(json.loads(choice_file.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{choice_file} is corrupt ({reason}); delete it to measure the solver choice again "
+                         f"(the restored images are kept)") from None
+
+
+def _data_and_shape(plain: dict[str, Any], model: torch.nn.Module):
+    """Dataset, operator and image shape of clean images; ``dataset.size=null`` = the images' own size (cut to
+    the model's stride). Says (one ``note:`` line) when images are resized."""
     task, data = plain["task"], plain["dataset"]
     native = data.get("size") is None
-    if native and data.get("name") == "real":
-        raise ValueError("dataset=real needs dataset.size (the side of the restored images)")
     shape = (3, 1, 1) if native else builders.image_shape(data)
     op = None if native else builders.build_operator(task, shape)
     dataset = builders.build_dataset(data, shape, op)
-    model = builders.build_model(plain["model"])
     if native:
         dataset, size, note = sizing.native(dataset, dataset.paths, bool(data.get("crop", True)),
                                             builders.model_stride(model))
@@ -114,14 +163,13 @@ def _data_and_model(plain: dict[str, Any]):
         shape = (3, *size)
         op = builders.build_operator(task, shape)
     else:
-        note = sizing.resize_note(dataset.paths, shape, bool(data.get("crop", True))) \
-            if data.get("name") != "real" else None
+        note = sizing.resize_note(dataset.paths, shape, bool(data.get("crop", True)))
     if _generating(plain):
         note = f"note: generating {task.get('num_images')} images at {shape[1]}x{shape[2]} (dataset.size)"
     if note and rank_zero_only.rank == 0:
         print(note, flush=True)
         RUN_LOG.info(note)
-    return dataset, op, model, shape
+    return dataset, op, shape
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -133,6 +181,10 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     check_num_samples(plain.get("num_samples", 1), mode, str(plain["task"]["name"]))
+    if _generating(plain) and plain["sampler"].get("t_start") is not None:
+        raise ValueError("task=generate has no measurement to start from: sampler.t_start must be null (pure noise)")
+    if plain.get("objective"):
+        Objective.from_config(plain["objective"])  # a bad objective fails before the first image
     if _generating(plain) and mode != "restore":
         raise ValueError(f"task=generate has no measurement to optimise x_T against: use mode=restore "
                          f"(got mode={mode})")
@@ -143,13 +195,25 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple[int, int, int], *,
-                 timestep_parallel: bool = False) -> RestorationModule:
-    """The LightningModule of ``plain["mode"]`` for images of ``shape`` (shared by invert.py and deqir.api)."""
+                 timestep_parallel: bool = False, any_size: bool = False) -> RestorationModule:
+    """The LightningModule of ``plain["mode"]`` for images of ``shape`` (shared by invert.py and deqir.api).
+
+    ``any_size``: sides the UNet's downsampling does not divide are padded for the network only
+    (:class:`~deqir.models.adapters.StridePadded`); else they are an error."""
     task, sampler = plain["task"], plain["sampler"]
     mode = str(plain["mode"])
     if mode == "invert":
         sampler = invert_sampler(sampler, plain["optimize"])
-    builders.check_size(shape, model)
+    stride = builders.model_stride(model)
+    if any_size and (shape[1] % stride or shape[2] % stride):
+        from deqir.models.adapters import StridePadded
+
+        model = StridePadded(model, stride)
+    else:
+        builders.check_size(shape, model)
+    from deqir.lit.memory import bounded_sampler
+
+    sampler = bounded_sampler(plain, sampler, shape, stride)
     sigma_y = float(task["sigma_y"])
     coeffs = builders.build_chain(sampler, model.schedule, op, sigma_y)
     has_target = plain["dataset"].get("name") != "real" and not _generating(plain)
@@ -164,10 +228,14 @@ def build_module(plain: dict[str, Any], op, model: torch.nn.Module, shape: tuple
 
 def invert_sampler(sampler: dict[str, Any], optimize: dict[str, Any]) -> dict[str, Any]:
     """mode=invert's chain: ``optimize.invert_chain`` = deterministic (etw = nw = 0, one shared z; the default,
-    it reproduces images far better than the stochastic restoration chain) or ``sampler`` (as configured)."""
+    it reproduces images far better than the stochastic restoration chain) or ``sampler`` (as configured).
+    Unconditional inversion (no operator) inverts the whole chain to pure noise: a task's measurement start
+    (``sampler.t_start``) does not apply."""
     kind = str(optimize.get("invert_chain", "sampler"))
     if kind not in ("deterministic", "sampler"):
         raise ValueError(f"optimize.invert_chain must be deterministic or sampler, got {kind!r}")
+    if not optimize.get("invert_with_operator"):  # unconditional: the whole generative chain, from pure noise
+        sampler = {**sampler, "t_start": None}
     if kind == "sampler":
         return sampler
     return {**sampler, "etw": 0.0, "nw": 0.0, "per_step_noise": False}
@@ -206,16 +274,24 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
                    lpips_net=ev.get("lpips") if "lpips" in summary else None)
     choice = getattr(getattr(trainer, "lightning_module", None), "auto_choice", None) if deq else None
     if choice is None and deq and (store.root / "solver_choice.json").is_file():
-        choice = AutoChoice.from_dict(json.loads((store.root / "solver_choice.json").read_text()))
+        choice = load_auto_choice(store.root / "solver_choice.json")
     if choice is not None:  # solver=auto: what the start-up measurement chose, and why (deqir.lit.autotune)
         summary["solver_choice"] = choice.as_dict()
+    label = sampler
+    if choice is not None and choice.schedule == "sequential" and plain["mode"] == "restore":
+        # the images came from the sequential chain (RestorationModule.resolve_auto): say so, not "[deq]"
+        label = "sequential, chosen by solver=auto"
+        summary.update(sampler="sequential", max_iter=None)
+    summary["run_label"] = label
+    if plain.get("objective"):  # what invert.py returns to a sweeper (deqir.lit.search)
+        summary["objective"] = Objective.from_config(plain["objective"]).value(summary)
     report.write_metrics(store, summary)
     report.write_grid(store, records)
     conv = report.write_convergence(store, records, stop_mode=str(plain["solver"]["stop_mode"]),
                                    tol=float(plain["solver"]["tol"]) if plain["mode"] == "restore" else None)
     if trainer is not None and trainer.logger:
         log_results(trainer.logger, store, records, summary, conv)
-    line = report.summary_line(task_label, sampler, summary, store.root, fid)
+    line = report.summary_line(task_label, label, summary, store.root, fid)
     if choice is not None:
         line += f"\nsolver=auto -> {choice.schedule} (window {choice.window}, max_batch {choice.max_batch}): {choice.reason}"
         if plain["mode"] != "restore":  # these modes differentiate through the equilibrium: always a fixed-point solve
@@ -261,6 +337,9 @@ def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
     is_wandb = cfg["_target_"].endswith("WandbLogger")
     if is_wandb and os.environ.get("WANDB_MODE", "").lower() in ("online", "run"):
         cfg["offline"] = False  # the logger would otherwise force WANDB_MODE=dryrun
+    if is_wandb and cfg.get("group") is None and (search := _multirun()) is not None:
+        cfg["group"], job = search  # a sweep's trials are one W&B group: the sweep directory's name
+        cfg["name"] = cfg.get("name") or f"{cfg['group']}/{job}"
     if is_wandb and not os.environ.get("WANDB_RUN_ID") and cfg.get("id") is None:
         id_file = run_dir / "wandb_id.txt"
         if id_file.is_file():
@@ -276,7 +355,7 @@ def build_logger(logger_cfg: dict[str, Any] | None, run_dir: Path):
 def log_results(logger, store: RunStore, records: list[dict[str, Any]], summary: dict[str, Any],
                 convergence: Path | None) -> None:
     """Aggregate metrics to any logger; for W&B also the per-image table with images and the plot."""
-    keys = (*report.MEAN_COLUMNS, "n_images", "converged_fraction", "fid")
+    keys = (*report.MEAN_COLUMNS, "n_images", "converged_fraction", "fid", "objective")
     numbers = {f"metrics/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
     logger.log_metrics(numbers)
     from pytorch_lightning.loggers import WandbLogger
@@ -312,6 +391,11 @@ def _progress_bar(store: RunStore, todo: list[int], desc: str) -> ImageProgressB
     return ImageProgressBar(lambda rank, world: len(todo), desc=desc, done=lambda: records() - before)
 
 
+def _real(plain: dict[str, Any]) -> bool:
+    """dataset=real: the user's own degraded photos (no ground truth)."""
+    return plain["dataset"].get("name") == "real"
+
+
 def _generating(plain: dict[str, Any]) -> bool:
     """task=generate: unconditional generation (nothing measured, no ground truth)."""
     return str(plain["task"]["name"]) == "generate"
@@ -320,6 +404,19 @@ def _generating(plain: dict[str, Any]) -> bool:
 def _unconditional(plain: dict[str, Any]) -> bool:
     """mode=invert without the operator: the task's operator and measurement play no part."""
     return plain["mode"] == "invert" and not (plain.get("optimize") or {}).get("invert_with_operator")
+
+
+def _multirun() -> tuple[str, str] | None:
+    """(sweep directory name, job number) inside a ``-m`` job; None otherwise."""
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hc.sweep.dir)).name, str(hc.job.get("num", ""))
 
 
 def _choice(group: str, default: str) -> str:

@@ -81,8 +81,22 @@ def check_size(shape: tuple[int, int, int], model: torch.nn.Module) -> None:
                              f"{stride} (its UNet downsamples {stride}x); use dataset.size={lo or hi} or {hi}")
 
 
+#: What a task's required file parameter (``???`` in its yaml) holds, for the error that asks for it.
+_REQUIRED_FILES = {"kernel_path": "the blur kernel file: .npy, .txt, .csv or .png", "mask_path":
+                   "the mask PNG, the photo's size, white/nonzero = observed"}
+
+
+def check_task_params(task_cfg: dict[str, Any]) -> None:
+    """A task parameter its yaml leaves to the user (``???``, e.g. a kernel or mask file) must be set."""
+    for key, value in (task_cfg.get("params") or {}).items():
+        if value == "???":
+            what = _REQUIRED_FILES.get(key, "a value")
+            raise ValueError(f"task {task_cfg['name']} needs task.params.{key}=... ({what}); it is not set")
+
+
 def build_operator(task_cfg: dict[str, Any], shape: tuple[int, int, int]) -> Operator:
     """``make_operator(task.name, shape, **task.params)`` in float32."""
+    check_task_params(task_cfg)
     params = dict(task_cfg.get("params") or {})
     op = make_operator(str(task_cfg["name"]), shape, **params)
     return op.to(dtype=torch.float32)
@@ -95,8 +109,10 @@ def build_chain(sampler_cfg: dict[str, Any], schedule: dict[str, Any], op: Opera
         raise ValueError(f"task.sigma_y must be a finite number >= 0 (the noise std on the [0, 1] scale), "
                          f"got {sigma_y}")
     sched = NoiseSchedule.create(**schedule)
+    t_start = sampler_cfg.get("t_start")
     grid = SamplingGrid.create(int(sampler_cfg["timesteps"]), num_train_steps=sched.num_steps,
-                               skip_type=str(sampler_cfg.get("skip_type", "uniform")))
+                               skip_type=str(sampler_cfg["skip_type"]), schedule=sched, rho=sampler_cfg["rho"],
+                               t_start=None if t_start is None else t_start)
     sigma_eff = 2.0 * float(sigma_y) * (op.pinv_noise_gain() if sigma_y > 0 else 1.0)
     return make_chain(sched, grid, etw=float(sampler_cfg["etw"]), nw=float(sampler_cfg["nw"]),
                       sigma_y_eff=sigma_eff, noise_aware=bool(sampler_cfg["noise_aware"]))
@@ -159,6 +175,23 @@ def eval_settings(eval_cfg: dict[str, Any], task_cfg: dict[str, Any], has_target
 def build_dataset(dataset_cfg: dict[str, Any], shape: tuple[int, int, int], op: Operator) -> IndexedImages:
     """The evaluation images of ``dataset/`` (kinds: samples, folder, celeba_hq, imagenet_val, real)."""
     kind = str(dataset_cfg.get("name", "folder"))
+    paths, names = dataset_paths(dataset_cfg)
+    crop = bool(dataset_cfg.get("crop", True))
+    if kind == "real":
+        m = tuple(op.measurement_shape)
+        if len(m) != 3 or m[0] not in (1, 3):
+            raise ValueError(f"real inputs need an operator whose measurements are images; {type(op).__name__} "
+                             f"measures shape {m}")
+        ds = IndexedImages(paths, names, size=(m[1], m[2]), crop=crop, mode="gray" if m[0] == 1 else "rgb", key="y")
+    else:
+        ds = IndexedImages(paths, names, size=(shape[1], shape[2]), crop=crop, key="image")
+    ds.check_files()
+    return ds
+
+
+def dataset_paths(dataset_cfg: dict[str, Any]) -> tuple[list[Path], list[str]]:
+    """The image files of ``dataset/`` (path, list, subset, limit) and their output names."""
+    kind = str(dataset_cfg.get("name", "folder"))
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; valid: {', '.join(DATASET_KINDS)}")
     path = dataset_cfg.get("path")
@@ -175,18 +208,7 @@ def build_dataset(dataset_cfg: dict[str, Any], shape: tuple[int, int, int], op: 
     paths = apply_limit(paths, dataset_cfg.get("limit"))
     if not paths:
         raise ValueError(f"dataset {kind!r} at {root} selects no images (check dataset.subset / dataset.limit)")
-    names = image_names(paths, root)
-    crop = bool(dataset_cfg.get("crop", True))
-    if kind == "real":
-        m = tuple(op.measurement_shape)
-        if len(m) != 3 or m[0] not in (1, 3):
-            raise ValueError(f"real inputs need an operator whose measurements are images; {type(op).__name__} "
-                             f"measures shape {m}")
-        ds = IndexedImages(paths, names, size=(m[1], m[2]), crop=crop, mode="gray" if m[0] == 1 else "rgb", key="y")
-    else:
-        ds = IndexedImages(paths, names, size=(shape[1], shape[2]), crop=crop, key="image")
-    ds.check_files()
-    return ds
+    return paths, image_names(paths, root)
 
 
 def signature(plain: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +225,13 @@ def signature(plain: dict[str, Any]) -> dict[str, Any]:
         sig["eval"] = {k: v for k, v in sig["eval"].items() if k not in ("fid", "fid_weights")}
     if (plain.get("chain") or {}).get("name", "ddnm") != "ddnm":
         sig["chain"] = plain["chain"]  # (ddnm runs keep the signature they had before chain/ existed)
+    if isinstance(sig.get("sampler"), dict):  # grid keys at their defaults keep older runs' signatures
+        smp = dict(sig["sampler"])
+        if smp.get("t_start") is None:
+            smp.pop("t_start", None)
+        if smp.get("skip_type") != "karras":
+            smp.pop("rho", None)
+        sig["sampler"] = smp
     if isinstance(sig.get("task"), dict):  # task=generate: more images extend a run
         sig["task"] = {k: v for k, v in sig["task"].items() if k != "num_images"}
     if int(plain.get("num_samples", 1)) != 1:

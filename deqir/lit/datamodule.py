@@ -24,15 +24,17 @@ class RestorationDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         done: callable returning the set of dataset indices already finished (resume).
         sharded: whether ranks split the images (False for timestep parallelism).
+        indices: only these dataset indices (None: all), e.g. one group of photos of one size.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 1, num_workers: int = 0,
-                 done: Callable[[], set[int]] | None = None, sharded: bool = True):
+                 done: Callable[[], set[int]] | None = None, sharded: bool = True,
+                 indices: list[int] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.done_fn, self.sharded = done, sharded
+        self.done_fn, self.sharded, self.indices = done, sharded, indices
         self.todo: list[int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -47,7 +49,8 @@ class RestorationDataModule(pl.LightningDataModule):
     def compute_todo(self) -> list[int]:
         """Dataset indices not finished yet, ascending."""
         done = self.done_fn() if self.done_fn is not None else set()
-        return [i for i in range(len(self.dataset)) if i not in done]
+        indices = range(len(self.dataset)) if self.indices is None else sorted(self.indices)
+        return [i for i in indices if i not in done]
 
     def local_count(self, rank: int, world_size: int) -> int:
         """How many images rank ``rank`` will process (UnrepeatedDistributedSampler: indices rank::world)."""

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from deqir.utils.images import atomic_write_bytes
 
 #: metrics.json keys in the table, in this order (those no job has are left out).
-COLUMNS = ("n_images", "psnr", "ssim", "lpips", "consistency", "psnr_to_sequential", "rounds", "nfe", "seconds",
+COLUMNS = ("objective", "n_images", "psnr", "ssim", "lpips", "consistency", "psnr_to_sequential", "rounds", "nfe", "seconds",
            "converged_fraction", "fid")
 
 
@@ -48,7 +48,7 @@ def write_table(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    keys = [k for k in ("psnr", "ssim", "lpips", "rounds", "nfe", "seconds") if any(k in r for r in rows)]
+    keys = [k for k in ("objective", "psnr", "ssim", "lpips", "rounds", "nfe", "seconds") if any(k in r for r in rows)]
     head = ["job", "overrides", *keys]
     body = [[r["job"], r["overrides"], *(f"{r[k]:.4g}" if k in r else "-" for k in keys)] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

@@ -140,6 +140,8 @@ class InitOptimizationModule(RestorationModule):
         """Per-step loss (and PSNR) curves to the logger; the progress bar shows the step."""
 
         def on_step(info: dict[str, Any]) -> None:
+            if self.stop_check is not None:  # a stop request ends the optimisation at the next step
+                self.stop_check()
             if self.round_hook is not None:
                 losses = [v for v in info["loss"] if math.isfinite(v)]
                 self.round_hook(int(info["step"]), max(losses) if losses else math.nan)

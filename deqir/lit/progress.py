@@ -1,7 +1,8 @@
-"""A progress bar in images (not batches) that also shows the current solver round and residual
-(or, in the optimisation modes, the optimisation step and loss)."""
+"""A progress bar in images (not batches) that also shows the image being solved and its solver round and
+residual (the sequential chain: its step; the optimisation modes: the optimisation step and loss)."""
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ class ImageProgressBar(ProgressBar):
         super().__init__()
         self.total_fn, self.desc, self.done_fn = total, desc, done
         self.labels = ("round", "residual")
+        self.image = ""  # the image(s) being solved, shown before the round
         self._enabled = True
         self.bar: tqdm | None = None
 
@@ -46,11 +48,21 @@ class ImageProgressBar(ProgressBar):
             return
         self.bar = tqdm(total=self.total_fn(trainer.global_rank, trainer.world_size), desc=self.desc, unit="img",
                         file=sys.stderr, dynamic_ncols=True, leave=False)
+        if self.done_fn is not None:  # a later group of photos (one Trainer per group): the images done so far
+            self.bar.n = min(int(self.bar.total or 0), self.done_fn())
 
     def set_round(self, round_: int, residual: float) -> None:
-        """Called by the module after every solver round."""
+        """Called by the module after every solver round (or sequential step: ``residual`` NaN)."""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.labels[0]} {round_}, {self.labels[1]} {residual:.2e}", refresh=True)
+            text = (f"{self.labels[0]} {round_}, {self.labels[1]} {residual:.2e}" if math.isfinite(residual)
+                    else f"step {round_}")
+            self.bar.set_postfix_str(f"{self.image}{text}", refresh=True)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        names = list(batch.get("name", []))
+        self.image = (f"{names[0]}" + (f" +{len(names) - 1}" if len(names) > 1 else "") + ": ") if names else ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.image.rstrip(": "), refresh=True)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.bar is None:

@@ -28,6 +28,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[col] = float(np.mean(vals))
     if records:
         out["converged_fraction"] = float(np.mean([r.get("status") == "converged" for r in records]))
+    warned = sum(1 for r in records if r.get("warning"))
+    if warned:
+        out["inconsistent"] = warned
     if any(str(r.get("uses_oracle")) == "True" for r in records):
         out["uses_oracle"] = True  # the objective used the ground truth: analysis only, not a restoration result
     return out
@@ -173,20 +176,26 @@ def write_convergence(store: RunStore, records: Sequence[dict[str, Any]], stop_m
 
 
 def summary_line(task: str, sampler: str, summary: dict[str, Any], run_dir: Path, fid: float | None = None) -> str:
-    """One clean line: task, images, mean metrics, cost and where the outputs are."""
+    """One clean line: task, ``[sampler]`` (the label of the chain that ran), images, mean metrics, cost and
+    where the outputs are. Sequential runs show no solver rounds (their cost is the NFE: T model calls)."""
     parts = [f"{task} [{sampler}]", f"{summary['n_images']} images"]
+    sequential = str(summary.get("sampler")) == "sequential"
     for key, fmt in (("psnr_init", "PSNR before optimisation {:.2f} dB"), ("psnr", "PSNR {:.2f} dB"),
                      ("ssim", "SSIM {:.4f}"), ("lpips", "LPIPS {:.4f}"), ("psnr_of_mean", "PSNR of the mean {:.2f} dB"),
                      ("diversity_lpips", "diversity LPIPS {:.4f}"),
                      ("cons", "Cons {:.2f}"), ("consistency", "||Ax-y|| {:.3g}"),
                      ("psnr_to_sequential", "to-seq {:.2f} dB"), ("rounds", "{:.1f} rounds"), ("nfe", "{:.0f} NFE"),
                      ("seconds", "{:.1f} s/img")):
-        if summary.get(key) is not None:
+        if summary.get(key) is not None and not (sequential and key == "rounds"):
             parts.append(fmt.format(summary[key]))
     frac = summary.get("converged_fraction")
     if frac is not None and frac < 1 and summary.get("max_iter"):
         capped = round((1 - frac) * summary["n_images"])
         parts.append(f"{capped}/{summary['n_images']} stopped at the round cap (solver.max_iter={summary['max_iter']})")
+    if summary.get("inconsistent"):
+        parts.append(f"WARNING: {summary['inconsistent']}/{summary['n_images']} restorations inconsistent with "
+                     f"their input (||Ax-y|| far above the noise; the photo's degradation is likely not the task's "
+                     f"operator, or sigma_y is too low: see per_image.csv 'warning')")
     if fid is not None:
         parts.append(f"FID {fid:.2f} (n={summary['n_images']})")
     if summary.get("uses_oracle"):

@@ -25,11 +25,12 @@ from torch import Tensor
 from deqir.chains import ChainStep, make_step
 from deqir.deq.joint_map import evaluate_in_chunks
 from deqir.samplers.deq import sample_deq
-from deqir.diffusion.chain import ChainCoefficients
+from deqir.diffusion.chain import ChainCoefficients, diffuse
 from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.lit.distributed import TimestepParallelEvaluator
 from deqir.lit.samples import expand, sample_seed, summarize_samples
 from deqir.metrics import MetricSuite, colorization_consistency, consistency
+from deqir.metrics.consistency import consistency_rms_limit
 from deqir.metrics.fidelity import psnr
 from deqir.operators import Operator
 from deqir.utils.images import quantize, to_unit
@@ -171,6 +172,7 @@ class RestorationModule(pl.LightningModule):
         self.auto_choice = None  # solver=auto: deqir.lit.autotune.AutoChoice, set on the first batch
         self.on_auto_choice: Callable | None = None  # called once with it (the app keeps it in the run directory)
         self.auto_batch_images = 1  # images per batch, for solver=auto's slots-per-round (the app sets batch_size)
+        self.stop_check: Callable[[], None] | None = None  # raises when the run is asked to stop (deqir.lit.stopping)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_predict_start(self) -> None:
@@ -179,6 +181,14 @@ class RestorationModule(pl.LightningModule):
             self._evaluator = TimestepParallelEvaluator(self.model, self.chain.max_batch)
         else:
             self._evaluator = lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch)
+        if self.stop_check is not None:  # checked before every ε-model call: a stop request ends the image
+            evaluate, check = self._evaluator, self.stop_check
+
+            def checked(x: Tensor, t: Tensor) -> Tensor:
+                check()
+                return evaluate(x, t)
+
+            self._evaluator = checked
         self.prepare_auto()
         if self.suite is None:
             self.suite = MetricSuite(crop_border=ev.crop_border, channel=ev.channel, lpips_net=ev.lpips_net,
@@ -226,6 +236,9 @@ class RestorationModule(pl.LightningModule):
             names = [f"{n}_{k}" for n in batch["name"] for k in range(K)]
             y = y.repeat_interleave(K, dim=0)
             target = target.repeat_interleave(K, dim=0) if target is not None else None
+        if self.coeffs.from_measurement:  # a truncated chain starts from A^+ y diffused to its first level
+            with torch.no_grad():
+                x_T = diffuse(op.A_pinv(y).to(x_T.dtype), x_T, float(self.coeffs.a[0]))
         return Problem(index=expand(index, K), names=names, y=y, x_T=x_T, z=z, target=target, num_samples=K,
                        image_names=list(batch["name"]))
 
@@ -238,8 +251,12 @@ class RestorationModule(pl.LightningModule):
         step_fn = self.chain_step(p)
         with torch.no_grad():
             if ch.sampler == "sequential":
+                def on_step(info: dict) -> None:  # the progress bar's "step k" (NaN: no residual)
+                    if self.round_hook is not None:
+                        self.round_hook(int(info["j"]) + 1, math.nan)
+
                 x0, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=self.operator, y=p.y, z=p.z,
-                                          clip_x0=ch.clip_x0, step_fn=step_fn)
+                                          clip_x0=ch.clip_x0, step_fn=step_fn, callback=on_step)
                 ok = bool(torch.isfinite(x0).all())
                 return Restored(x0=x0, rounds=[T] * B, nfe=[T] * B, residual=[math.nan] * B,
                                 status=["converged" if ok else "nonfinite"] * B, residual_trace=[[] for _ in range(B)])
@@ -288,7 +305,8 @@ class RestorationModule(pl.LightningModule):
         choice = None
         if not dist or torch.distributed.get_rank() == 0:
             x = torch.randn(1, *self.operator.image_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-            costs = measure_batch_costs(lambda x, t: self.model(x, t), x, int(self.coeffs.t[0]), max_size=B * T,
+            cap = B * T if ch.max_batch is None else min(B * T, int(ch.max_batch))  # never above the memory bound
+            costs = measure_batch_costs(lambda x, t: self.model(x, t), x, int(self.coeffs.t[0]), max_size=cap,
                                         knee_factor=knee_factor)
             choice = choose_schedule(costs, T, B, knee_factor)
         if dist:
@@ -331,37 +349,45 @@ class RestorationModule(pl.LightningModule):
     def evaluate(self, problem: Problem, restored: Restored, seconds: float) -> BatchResult:
         """Per-image metrics and the [0, 1] images to save."""
         p, r, op = problem, restored, self.operator
-        x0 = to_unit(r.x0.float())
-        q = quantize(x0)
+        full = to_unit(r.x0.float())  # the whole image the chain restored (op.image_shape)
+        x0 = op.restored_view(full)  # what is saved: the photo's own grid for the valid-boundary blur
         B = x0.shape[0]
         rows: list[dict[str, Any]] = [{"name": n, "index": i} for n, i in zip(p.names, p.index)]
         cols: dict[str, Tensor] = {}
-        target = to_unit(p.target) if p.target is not None else None
+        target = op.restored_view(to_unit(p.target)) if p.target is not None else None
         if target is not None and self.suite is not None:
             cols.update(self.suite.compute(x0, target))
         measured = math.prod(op.measurement_shape) > 0  # False for unconditional generation
         if measured:  # ||A x0 - y|| on the [0, 1] scale: (A(2q - 1) - y) / 2 for a linear A.
-            cols["consistency"] = consistency(lambda x: op.A(2 * x - 1) / 2, q, p.y / 2)
+            cols["consistency"] = consistency(lambda x: op.A(2 * x - 1) / 2, quantize(full), p.y / 2)
         if self.evaluation.colorization:
-            cols["cons"] = colorization_consistency(q, (p.y + 1) / 2, A=lambda x: (op.A(2 * x - 1) + 1) / 2)
+            cols["cons"] = colorization_consistency(quantize(full), (p.y + 1) / 2,
+                                                    A=lambda x: (op.A(2 * x - 1) + 1) / 2)
         traces: list[dict[str, list[float]]] = [{r.trace_key: t} for t in r.residual_trace]
         if self.evaluation.compare_sequential and self.chain.sampler != "sequential":
             evaluator = self._evaluator or (lambda x, t: evaluate_in_chunks(self.model, x, t, self.chain.max_batch))
             seq, _ = sample_sequential(evaluator, self.coeffs, p.x_T, operator=op, y=p.y, z=p.z,
                                        clip_x0=self.chain.clip_x0, step_fn=self.chain_step(p))
-            seq = to_unit(seq.float())
+            seq = op.restored_view(to_unit(seq.float()))
             cols["psnr_to_sequential"] = _psnr(x0, seq)
             if r.round_x0:
-                per_round = torch.stack([_psnr(to_unit(c.float()), seq) for c in r.round_x0], dim=1)  # (B, rounds)
+                per_round = torch.stack([_psnr(op.restored_view(to_unit(c.float())), seq) for c in r.round_x0],
+                                        dim=1)  # (B, rounds)
                 for b in range(B):
                     traces[b]["psnr_to_sequential"] = [float(v) for v in per_round[b, : r.rounds[b]]]
+        numel = math.prod(op.measurement_shape)
         for b, row in enumerate(rows):
             for k, v in cols.items():
                 row[k] = float(v[b])
             row.update(rounds=r.rounds[b], nfe=r.nfe[b], residual=r.residual[b], seconds=seconds, status=r.status[b])
             if r.extra is not None:
                 row.update(r.extra[b])
-        inputs = to_unit(op.y_to_image(p.y).float()).cpu() if measured else None
+            if target is None and measured:  # real inputs: is the restoration consistent with the photo?
+                row["sigma_y"] = self.sigma_y
+                warning = inconsistency_warning(row["consistency"], numel, self.sigma_y)
+                if warning is not None:
+                    row["warning"] = warning
+        inputs = op.restored_view(to_unit(op.y_to_image(p.y).float())).cpu() if measured else None
         K = p.num_samples
         if K == 1:
             return BatchResult(rows=rows, restored=x0.cpu(), inputs=inputs,
@@ -373,6 +399,20 @@ class RestorationModule(pl.LightningModule):
         return BatchResult(rows=rows, restored=mean.cpu(), inputs=inputs[one] if inputs is not None else None,
                            targets=target.cpu() if target is not None else None, traces=traces[one],
                            samples=x0.reshape(len(base), K, *x0.shape[1:]).cpu(), std=std.cpu())
+
+
+def inconsistency_warning(norm: float, numel: int, sigma_y: float) -> str | None:
+    """The warning for a restoration whose ||A x0 - y|| (on [0, 1]) is far above the photo's noise, or None.
+
+    Consistent means RMS(A x0 - y) <= 3 sigma_y + 2/255 (noise plus the saved image's 8-bit rounding through A,
+    docs/app.md "Your own photos")."""
+    rms = float(norm) / math.sqrt(max(1, numel))
+    limit = consistency_rms_limit(sigma_y)
+    if not rms > limit:
+        return None
+    return (f"inconsistent with the input: RMS |Ax - y| {rms:.3g} > {limit:.3g} (3 sigma_y + 2/255); the photo was "
+            f"likely degraded by another operator than the task's (kernel, scale or boundary: dataset.boundary) "
+            f"or sigma_y is too low (task.sigma_y)")
 
 
 def _psnr(a: Tensor, b: Tensor) -> Tensor:

@@ -41,6 +41,8 @@ from deqir.utils.images import atomic_write_bytes, save_png
 #: CSV column order (columns without any value in the run are left out).
 COLUMNS = ("name", "index", "psnr", "ssim", "lpips", "cons", "consistency", "rounds", "nfe", "residual", "seconds",
            "psnr_to_sequential", "status",
+           # real inputs (deqir.lit.real): the noise level used and a consistency warning
+           "sigma_y", "warning",
            # num_samples > 1 (deqir.lit.samples)
            "num_samples", "psnr_of_mean", "ssim_of_mean", "lpips_of_mean", "diversity_lpips", "sample_std",
            # mode=optimize_init | invert
@@ -109,6 +111,7 @@ class RunStore:
         self.images, self.inputs, self.targets = self.root / "images", self.root / "inputs", self.root / "targets"
         self.mean, self.std = self.root / "mean", self.root / "std"
         self.num_samples = 1  # restorations per image (num_samples)
+        self.bits: dict[int, int] = {}  # dataset index -> bit depth of its PNG outputs (16 for 16-bit inputs)
         self.records_dir = self.root / "records"
         self.input_paths: list[Path] | None = None
         self.batch_size: int | None = None
@@ -202,16 +205,17 @@ class RunStore:
         """Save one image's PNGs, then its record (the record marks it done). ``samples`` (K, C, H, W) and
         ``std`` (C, H, W) for K > 1, where ``restored`` is the samples' mean."""
         name, index = row["name"], int(row["index"])
+        bits = self.bits.get(index, 8)
         try:
             if samples is None:
-                save_png(restored, self.images / f"{name}.png")
+                save_png(restored, self.images / f"{name}.png", bits)
             else:
                 for k, sample in enumerate(samples):
-                    save_png(sample, self.images / f"{name}_{k}.png")
-                save_png(restored, self.mean / f"{name}.png")
+                    save_png(sample, self.images / f"{name}_{k}.png", bits)
+                save_png(restored, self.mean / f"{name}.png", bits)
                 save_png(std, self.std / f"{name}.png")
             if inputs is not None:
-                save_png(inputs, self.inputs / f"{name}.png")
+                save_png(inputs, self.inputs / f"{name}.png", bits)
             if target is not None:
                 save_png(target, self.targets / f"{name}.png")
             digest = self.input_sha256(index)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["colorization_consistency", "consistency", "gray"]
+__all__ = ["colorization_consistency", "consistency", "consistency_rms_limit", "gray"]
 
 
 def gray(x: Tensor) -> Tensor:
@@ -42,6 +42,12 @@ def consistency(A: Callable[[Tensor], Tensor], x0: Tensor, y: Tensor, ord: float
     if r.shape[0] != x0.shape[0]:
         raise ValueError(f"A(x0) has batch {r.shape[0]}, x0 has {x0.shape[0]}")
     return r.reshape(r.shape[0], -1).double().norm(p=ord, dim=1)
+
+
+def consistency_rms_limit(sigma_y: float) -> float:
+    """The largest RMS of ``A(x0) - y`` (on [0, 1]) a restoration consistent with a photo of noise ``sigma_y``
+    shows: 3 sigma_y plus 2/255 for the 8-bit rounding of the saved image (seen through A)."""
+    return 3.0 * float(sigma_y) + 2.0 / 255.0
 
 
 def colorization_consistency(

@@ -3,6 +3,7 @@
 * :class:`LearnedSigmaSplit`: keep the first C of 2C output channels (ADM ``learn_sigma``).
 * :class:`AutocastEps`: run a network under ``torch.autocast`` and return float32.
 * :class:`DiffusersEps`: any diffusers ``UNet2DModel`` (extra ``hub``).
+* :class:`StridePadded`: any size for a UNet that needs sides divisible by its downsampling factor.
 * :class:`EpsModel`: what :func:`deqir.models.load_eps_model` returns; all of the above in one module,
   plus the metadata (arch, config, schedule, source) of the loaded network.
 * :func:`ddpm_state_dict_to_diffusers` / :func:`ddpm_config_to_diffusers`: the DDPM ``Model`` layout
@@ -109,6 +110,30 @@ class DiffusersEps(nn.Module):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """x (B, C, H, W), t (B,) -> (B, out_channels, H, W)."""
         return self.unet(x, as_timesteps(t, x.shape[0], x.device)).sample
+
+
+class StridePadded(nn.Module):
+    """``eps = model(x, t)`` for any H x W: x is padded (reflect; replicate where a side is shorter than the pad)
+    at the bottom and right to multiples of ``stride``, the UNet runs on that, ε is cropped back to H x W.
+
+    The chain and its operator keep the photo's own size (docs/app.md, "Your own photos"); only the network
+    sees the padded image. ``info`` and ``schedule`` are the wrapped model's.
+    """
+
+    def __init__(self, model: nn.Module, stride: int):
+        super().__init__()
+        self.model, self.stride = model, int(stride)
+        self.info = getattr(model, "info", {})
+        self.schedule = getattr(model, "schedule", None)
+
+    def forward(self, x: Tensor, t: Tensor | int | float) -> Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.stride, -w % self.stride
+        if ph == 0 and pw == 0:
+            return self.model(x, t)
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        eps = self.model(torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode), t)
+        return eps[..., :h, :w]
 
 
 class EpsModel(nn.Module):

@@ -20,6 +20,7 @@ from deqir.operators.masks import MASK_TYPES, load_mask, make_mask, save_mask
 from deqir.operators.registry import OPERATOR_NAMES, make_operator
 from deqir.operators.separable import LegacySVDDeblur, SeparableOperator, ZeroBoundaryBlur
 from deqir.operators.sr import AveragePoolSR, BicubicSR
+from deqir.operators.valid_blur import ValidBlur, ValidSeparableBlur, valid_image_shape
 
 __all__ = [
     "OPERATOR_NAMES",
@@ -35,6 +36,9 @@ __all__ = [
     "ZeroBoundaryBlur",
     "LegacySVDDeblur",
     "SeparableOperator",
+    "ValidBlur",
+    "ValidSeparableBlur",
+    "valid_image_shape",
     "Inpainting",
     "Colorization",
     "WalshHadamardCS",

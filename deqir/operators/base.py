@@ -112,6 +112,11 @@ class Operator(nn.Module):
         """A viewable picture of the measurement, (B, *measurement_shape) -> (B, C, H, W) on [-1, 1]."""
         return self.A_pinv(y)
 
+    def restored_view(self, x: Tensor) -> Tensor:
+        """The part of an image-space tensor (..., H, W) the user sees as the restoration: all of it, except for
+        operators whose image extends beyond the measured photo (the valid-boundary blur keeps the photo's grid)."""
+        return x
+
     def save_artifacts(self, directory: str | Path) -> list[Path]:
         """Save what defines the operator (mask, kernel, ...) into ``directory``; returns the paths."""
         return []

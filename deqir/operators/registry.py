@@ -21,8 +21,9 @@ from deqir.operators.masks import make_mask
 from deqir.operators.null import Unconditional
 from deqir.operators.separable import LegacySVDDeblur, ZeroBoundaryBlur
 from deqir.operators.sr import AveragePoolSR, BicubicSR
+from deqir.operators.valid_blur import ValidBlur, ValidSeparableBlur
 
-BOUNDARIES = ("circular", "zero")
+BOUNDARIES = ("circular", "zero", "valid")  # valid: the photo is the valid part of the blur (real photos)
 ZERO = 3e-2  # the official singular-value threshold (docs/operators.md)
 
 
@@ -31,13 +32,18 @@ def _blur(shape, k_h, k_w, kernel2d, legacy_svd: bool, boundary: str | None, zer
     if boundary is not None and boundary not in BOUNDARIES:
         raise ValueError(f"unknown boundary {boundary!r}; valid: {', '.join(BOUNDARIES)}")
     if legacy_svd:
-        if boundary == "circular":
+        if boundary in ("circular", "valid"):
             raise ValueError("legacy_svd reproduces the official zero-boundary operator; "
                              "use boundary='zero' or leave it unset")
         boundary = "zero"
     boundary = boundary or "circular"
     if boundary == "circular":
         return CircularBlur(shape, kernel2d if kernel2d is not None else torch.outer(k_h, k_w), zero_threshold)
+    if boundary == "valid":  # separable kernels: exact SVD; any other kernel: A+ by CGLS (valid_blur.py)
+        factors = (k_h, k_w) if k_h is not None else separable_factors(kernel2d)
+        if factors is None:
+            return ValidBlur(shape, kernel2d)
+        return ValidSeparableBlur(shape, factors[0], factors[1], zero_threshold)
     if k_h is None:
         factors = separable_factors(kernel2d)
         if factors is None:
@@ -134,6 +140,31 @@ def compose(image_shape, operators: Sequence[Mapping] = (), pinv: str = "exact",
         built.append(op)
         shape = tuple(op.measurement_shape)
     return ComposedOperator(built, pinv=pinv, max_iter=max_iter, tol=tol)
+
+
+_KERNEL_KINDS = {"deblur_gauss": "gaussian", "deblur_uniform": "uniform", "deblur_aniso": "anisotropic"}
+
+
+def blur_kernel(name: str, **params) -> torch.Tensor:
+    """The 2-D kernel (kh, kw) the blur operator ``name`` would use with ``params`` (float64)."""
+    builder = _BUILDERS[name]
+    sig = inspect.signature(builder).parameters
+    p = {k: v.default for k, v in sig.items() if k != "image_shape" and v.default is not inspect.Parameter.empty}
+    p.update(params)
+    if name == "deblur_kernel":
+        if (p["kernel"] is None) == (p["kernel_path"] is None):
+            raise ValueError("deblur_kernel needs exactly one of kernel (an array or a kind name: gaussian, uniform, "
+                             "anisotropic) and kernel_path (.npy, .txt, .csv or .png)")
+        if isinstance(p["kernel"], str):
+            k_h, k_w = make_kernel(p["kernel"], p["kernel_size"], p["sigma"], p["sigma2"])
+            return torch.outer(k_h, k_w)
+        if p["kernel_path"] is not None:
+            return load_kernel(p["kernel_path"], p["normalize"])
+        return as_kernel(p["kernel"], p["normalize"])
+    if name not in _KERNEL_KINDS:
+        raise ValueError(f"{name!r} is not a blur operator; valid: deblur_kernel, {', '.join(_KERNEL_KINDS)}")
+    k_h, k_w = make_kernel(_KERNEL_KINDS[name], p["kernel_size"], *(p[k] for k in ("sigma", "sigma2") if k in p))
+    return torch.outer(k_h, k_w)
 
 
 _BUILDERS = {

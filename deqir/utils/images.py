@@ -53,10 +53,33 @@ def _umask() -> int:
     return mask
 
 
-def save_png(x: Tensor, path: str | Path) -> Path:
-    """Save a (C, H, W) [0, 1] tensor as an 8-bit PNG, atomically."""
+def save_png(x: Tensor, path: str | Path, bits: int = 8) -> Path:
+    """Save a (C, H, W) [0, 1] tensor as an 8-bit PNG (or 16-bit with ``bits=16``), atomically."""
+    if bits == 16:
+        return atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(png16_bytes(x)))
+    if bits != 8:
+        raise ValueError(f"PNG outputs are 8 or 16 bit, got bits={bits}")
     img = Image.fromarray(to_uint8(x))
     return atomic_write_bytes(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def png16_bytes(x: Tensor) -> bytes:
+    """A 16-bit PNG (grey for C = 1, RGB for C = 3) of a (C, H, W) [0, 1] tensor (PIL writes 16-bit grey only)."""
+    import struct
+    import zlib
+
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected a (1 or 3, H, W) image, got shape {tuple(x.shape)}")
+    arr = (x.detach().double().cpu().clamp(0, 1) * 65535 + 0.5).floor().to(torch.int32).permute(1, 2, 0).numpy()
+    h, w, c = arr.shape
+    rows = arr.astype(">u2").reshape(h, w * c)
+    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2 if c == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def grid(images: Sequence[Tensor] | Tensor, nrow: int, pad: int = 2, value: float = 1.0) -> Tensor:
