@@ -3,7 +3,8 @@
 Each command (continuation lines joined, comments dropped) is run as written with a small override appended --
 the tiny random model (``debug=tiny``), 32 px, one image, one optimisation step, a temporary run directory; appended
 last, these win over the document's own values -- in a temporary working
-directory that holds the files the commands name (``my_photos/``, ``photos/``, ``blurry/``, ``ref.png``), as
+directory that holds the files the commands name (``my_photos/``, ``photos/``, ``blurry/``, ``small/``,
+``holed/``, ``ref.png``, ``mask.png``; searches run 2 trials), as
 deepinv runs its gallery. A command that needs what a CPU test machine lacks carries a trailing marker comment in
 its document, ``needs: gpu`` inside the trailing ``#`` comment (or ``checkpoint``, ``data``, ``slurm``,
 ``wandb``, ``network``; several separated by commas), and is skipped with that reason, by name. An unmarked command that fails turns the suite red; so does
@@ -72,14 +73,21 @@ def _with_overrides(cmd: str, run_dir: Path) -> str:
     out = []
     for part in parts:
         words = part.split()
+        env = []
+        while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0]):  # VAR=value python ...
+            env.append(words.pop(0))
         if len(words) >= 2 and words[0] == "python" and words[1] in ("invert.py", "train.py"):
             script = words[1]
             extra = INVERT_OVERRIDES if script == "invert.py" else TRAIN_OVERRIDES
             flags_only = any(w in ("--help", "-h", "--cfg") for w in words)
-            words = ["python", str(ROOT / script), *words[2:]]
+            words = [*env, "python", str(ROOT / script), *words[2:]]
             if not flags_only:  # appended last, so they win (Hydra: the last value of a key counts)
                 words += [*extra, f"hydra.run.dir={run_dir}"]
+                if any(w.startswith(("hparams_search=", "hydra/sweeper=")) for w in words):  # a search: 2 trials
+                    words += ["hydra.sweeper.n_trials=2", f"hydra.sweep.dir={run_dir}_sweep"]
             part = " ".join(words)
+        elif env:
+            part = " ".join([*env, *words])
         out.append(part)
     return "".join(out)
 
@@ -104,10 +112,13 @@ def _workdir(tmp_path: Path) -> Path:
 
     work = tmp_path / "work"
     g = np.random.default_rng(0)
-    for folder in ("my_photos", "photos", "blurry"):
+    for folder in ("my_photos", "photos", "blurry", "small", "holed"):
         (work / folder).mkdir(parents=True)
-        Image.fromarray(g.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(work / folder / "a.png")
+        Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(work / folder / "a.png")
     Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(work / "ref.png")
+    mask = np.full((32, 32), 255, np.uint8)
+    mask[8:20, 10:24] = 0
+    Image.fromarray(mask).save(work / "mask.png")
     return work
 
 
