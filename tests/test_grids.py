@@ -141,3 +141,17 @@ def test_restoration_module_starts_a_truncated_chain_from_the_measurement():
     assert torch.allclose(p.x_T, diffuse(op.A_pinv(p.y), noise, a0), atol=1e-6)
     _, _, full = problem([])
     assert torch.allclose(full.x_T, noise)  # t_start = null: pure noise, as before
+
+
+@pytest.mark.parametrize("task", ["cs2", "colorize"])
+def test_clipped_deterministic_presets_solve_under_quasi_newton(task, tmp_path):
+    """The clipped, deterministic chain of colorize / cs2 runs under solver=auto like every task: quasi_newton (what
+    auto runs on a GPU) reaches the sequential chain's images."""
+    from app_support import TINY, pixels, run_inprocess
+
+    over = [*TINY, f"task={task}", "dataset.limit=1"]
+    run_inprocess([*over, "sampler=sequential"], tmp_path / "seq")
+    run_inprocess([*over, "solver=quasi_newton", "solver.tol=0", "solver.output_tol=0"], tmp_path / "qn")
+    for png in (tmp_path / "seq" / "images").glob("*.png"):
+        diff = pixels(png).astype(int) - pixels(tmp_path / "qn" / "images" / png.name).astype(int)
+        assert abs(diff).max() <= 1

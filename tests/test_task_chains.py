@@ -29,7 +29,7 @@ def test_command_line_chain_wins(order):
     assert cfg["chain"] == {"name": "ddnm"} and cfg["task"]["name"] == "cs_walsh_hadamard"
     cfg = _compose(["task=cs2", "chain=ddrm", "chain.eta=0.5"])
     assert cfg["chain"]["name"] == "ddrm" and cfg["chain"]["eta"] == 0.5
-    assert cfg["solver"]["name"] == "picard" and cfg["sampler"]["clip_x0"] is True  # the task's other presets stay
+    assert cfg["solver"]["name"] == "auto" and cfg["sampler"]["clip_x0"] is True and cfg["sampler"]["t_start"] == 300  # the task's other presets stay
 
 
 def test_optimize_init_runs_on_a_pigdm_task():
