@@ -39,6 +39,7 @@ CASES = [
                      "map_form": "sampler.form", "clip_x0": "sampler.clip_x0", "max_batch": "sampler.max_batch",
                      "solve": "solver"}),
     (invert_image, {**OPTIMIZE, "prior_weight": "optimize.prior_weight", "init": "optimize.invert_init",
+                    "init_iters": "optimize.invert_init_iters",
                     "map_form": "sampler.form", "clip_x0": "sampler.clip_x0", "max_batch": "sampler.max_batch",
                     "solve": "solver"}),
 ]

@@ -42,6 +42,8 @@ def test_default_solver_runs_the_modes(mode, tmp_path, capsys):
     summary = run_inprocess([*TINY_AUTO, f"mode={mode}", *task], run)
     out = capsys.readouterr().out
     assert "solver=auto ->" in out and f"mode={mode} solves the equilibrium every step: quasi_newton" in out
+    if summary["solver_choice"]["schedule"] == "sequential":  # a CPU: the sweep with autograd (docs/gradients.md)
+        assert "one sweep gives the exact equilibrium" in out
     assert summary["n_images"] == 1 and summary["solver_choice"]["schedule"] in ("all_slots", "window", "sequential")
     row = read_csv(run / "per_image.csv")[0]
     assert int(row["rounds"]) >= 1 and row["status"] in ("converged", "max_iter")

@@ -19,7 +19,23 @@ Modes (``DEQGradientConfig.mode``):
   (``torch.autograd.grad``); autograd then continues through F to x_T. J is strictly block lower
   triangular in the slots, so J^T is nilpotent and Picard is exact after T rounds (``adjoint_solver=
   "picard"``, ``adjoint_max_iter=T``, ``adjoint_tol=0``); Anderson stops on a tolerance. Exact w.r.t.
-  x_T when the forward and adjoint solves are exact.
+  x_T when the forward and adjoint solves are exact. Picard runs up to T rounds of T slot-VJPs (~T^2
+  slot-VJPs; T serial rounds of one batched call: the parallel schedule, for hardware with idle batch
+  capacity).
+
+  ``adjoint_solver="back_substitution"`` (step form, F_j = Phi_j(X_{j-1})): J has only the sub-diagonal
+  blocks dPhi_j/dx, so (1) is block upper-bidiagonal and is solved exactly from the last slot back,
+
+      g_{T-1} = dL/dX_{T-1},    g_{j-1} = dL/dX_{j-1} + (dPhi_j/dx)^T g_j                        (2)
+
+  -- T - 1 single-slot VJPs (the sequential schedule of the adjoint). It is implemented by evaluating
+  F(z*) slot by slot with autograd, slot j reading z*_{j-1} in value and slot j-1's output in gradient
+  (straight-through), so autograd's own backward *is* (2), and gradients to model parameters come out as
+  sum_j (dPhi_j/dtheta)^T g_j. Memory: the activations of the T single-slot calls (as backprop through the
+  sequential chain). :func:`sequential_with_gradient` goes one step further for the sequential schedule:
+  it solves the equilibrium by one sweep with autograd (the same value and gradient, no separate solve).
+  ``"auto"`` = back_substitution for the step form, picard for the cumsum form (the app picks picard where
+  solver=auto chose the all-slots schedule, docs/gradients.md).
 * ``"phantom"`` -- k damped steps z <- tau F(z) + (1 - tau) z from the *detached* equilibrium (Geng et al.
   2021; torchdeq's phantom gradient; the official DeqIR inversion uses k = 1, tau = 0.1). With k = 1 the
   gradient reaching x_T is tau (dF/dx_T)^T dL/dz: the explicit term plus slot 0's model Jacobian;
@@ -64,12 +80,15 @@ from torch import Tensor
 from deqir.deq.joint_map import ChainMap
 from deqir.deq.solvers import get_solver, solver_options
 
-__all__ = ["GRADIENT_MODES", "ADJOINT_SOLVERS", "DEQGradientConfig", "attach_gradient"]
+__all__ = ["GRADIENT_MODES", "ADJOINT_SOLVERS", "DEQGradientConfig", "attach_gradient", "resolve_adjoint_solver",
+           "sequential_with_gradient"]
 
 GradientMode = Literal["ift", "phantom", "unroll"]
 GRADIENT_MODES = ("ift", "phantom", "unroll")
 #: Solvers usable for the adjoint (the sliding window needs a TriangularMap; the adjoint map is not one).
-ADJOINT_SOLVERS = ("anderson", "picard")
+ADJOINT_SOLVERS = ("auto", "picard", "anderson", "back_substitution")
+#: Adjoint solvers that run a fixed-point solver of deqir.deq.solvers.
+_ITERATIVE = ("anderson", "picard")
 #: Adjoint-solver options applied unless the caller sets them: gradients can be tiny, so the Anderson
 #: regularisation must be scale-invariant (an absolute lam = 1e-3 would dominate the Gram matrix).
 _ADJOINT_DEFAULTS: dict[str, dict[str, Any]] = {"anderson": {"lam_mode": "relative"}, "picard": {}}
@@ -87,8 +106,9 @@ class DEQGradientConfig:
             of one step is the official Jacobian-free term tau sqrt(a'_j / a_0) N (default False: keep
             slot 0's model Jacobian, the exact partial derivative dF/dx_T).
         unroll_rounds: k, Picard rounds backpropagated by ``"unroll"`` (T rounds: exact).
-        adjoint_solver: ``"picard"`` (default: exact after T rounds, and on the chains we measured it
-            needs fewer rounds than Anderson, see docs/gradients.md) | ``"anderson"`` for eq. (1).
+        adjoint_solver: ``"auto"`` (default: ``back_substitution`` for the step form, ``picard`` for the
+            cumsum form) | ``"back_substitution"`` (eq. 2: exact, T - 1 single-slot VJPs; step form only) |
+            ``"picard"`` (exact after T rounds of T slot-VJPs; the parallel schedule) | ``"anderson"``.
         adjoint_max_iter: vector-Jacobian products at most; None = T (Picard is exact after T rounds).
         adjoint_tol: stopping tolerance of the adjoint solve (0 = run all rounds).
         adjoint_stop_mode: ``"rel"`` | ``"abs"``.
@@ -100,7 +120,7 @@ class DEQGradientConfig:
     tau: float = 0.1
     phantom_analytic: bool = False
     unroll_rounds: int = 2
-    adjoint_solver: str = "picard"
+    adjoint_solver: str = "auto"
     adjoint_max_iter: int | None = None
     adjoint_tol: float = 1e-4
     adjoint_stop_mode: str = "rel"
@@ -120,7 +140,8 @@ class DEQGradientConfig:
         m = self.adjoint_max_iter
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"adjoint_max_iter must be an integer >= 1 or None, got {m!r}")
-        valid = set(solver_options(self.adjoint_solver)) - {"max_iter", "tol", "stop_mode", "callback"}
+        valid = (set(solver_options(self.adjoint_solver)) - {"max_iter", "tol", "stop_mode", "callback"}
+                 if self.adjoint_solver in _ITERATIVE else set())
         unknown = set(self.adjoint_options) - valid
         if unknown:
             raise ValueError(f"adjoint solver {self.adjoint_solver!r} has no option(s) {sorted(unknown)}; "
@@ -141,7 +162,7 @@ def attach_gradient(
     tau: float = 0.1,
     phantom_analytic: bool = False,
     unroll_rounds: int = 2,
-    adjoint_solver: str = "picard",
+    adjoint_solver: str = "auto",
     adjoint_max_iter: int | None = None,
     adjoint_tol: float = 1e-4,
     adjoint_stop_mode: str = "rel",
@@ -213,6 +234,8 @@ def _attach(fmap: ChainMap, z_star: Tensor, cfg: DEQGradientConfig,
     _check_context(fmap, z_star)
     z = z_star.detach()
     with torch.enable_grad():
+        if cfg.mode == "ift" and resolve_adjoint_solver(cfg.adjoint_solver, fmap.form) == "back_substitution":
+            return _back_substitution_states(fmap, z)
         if cfg.mode == "ift":
             E = _eval_eps(fmap, z)
             out = fmap.states(E)  # F(z*) with autograd: paths to x_T and to the model parameters
@@ -229,6 +252,51 @@ def _attach(fmap: ChainMap, z_star: Tensor, cfg: DEQGradientConfig,
         for _ in range(cfg.unroll_rounds):  # "unroll": plain Picard rounds, fully differentiated
             z = fmap.states(_eval_eps(fmap, z))
         return z
+
+
+def resolve_adjoint_solver(name: str, form: str) -> str:
+    """The adjoint solver ``name`` stands for with the map form ``form``: ``"auto"`` -> ``back_substitution``
+    (step form) or ``picard`` (cumsum form). ValueError for back_substitution with the cumsum form."""
+    if name == "auto":
+        return "back_substitution" if form == "step" else "picard"
+    if name == "back_substitution" and form != "step":
+        raise ValueError("adjoint_solver=back_substitution needs the map's step form (sampler.form=step); "
+                         "use gradient.adjoint_solver=picard with sampler.form=cumsum")
+    return name
+
+
+def _back_substitution_states(fmap: ChainMap, z: Tensor) -> Tensor:
+    """F(z*) slot by slot: value Phi_j(z*_{j-1}), gradient through slot j-1's output (eq. 2 by autograd)."""
+    resolve_adjoint_solver("back_substitution", fmap.form)  # ValueError for the cumsum form
+    outs: list[Tensor] = []
+    for j in range(fmap.num_slots):
+        if j == 0:
+            x_in = fmap.x_T
+        else:
+            prev = outs[-1]
+            # value z*_{j-1}; gradient to slot j-1's output (prev - prev.detach() is exactly 0)
+            x_in = z[:, j - 1] + (prev - prev.detach()) if prev.requires_grad else z[:, j - 1]
+        outs.append(fmap.eval_slot(x_in, j))
+    return torch.stack(outs, dim=1)
+
+
+def sequential_with_gradient(fmap: ChainMap) -> Tensor:
+    """The equilibrium solved by the sequential schedule *with* autograd: X_j = Phi_j(X_{j-1}), X_{-1} = x_T.
+
+    Step form only. One sweep of T single-slot calls reaches the exact fixed point of the step-form map
+    (J is nilpotent), and backpropagation through it is the adjoint back-substitution (eq. 2) at that fixed
+    point: the IFT gradient of ``adjoint_solver="back_substitution"`` without a separate no-grad solve (T
+    forward + T backward slot evaluations per optimisation step). Returns (B, T, C, H, W) states.
+    """
+    if fmap.form != "step":
+        raise ValueError("sequential_with_gradient needs the map's step form (form='step')")
+    if torch.is_inference_mode_enabled() or fmap.x_T.is_inference():
+        raise RuntimeError("sequential_with_gradient needs autograd: call it outside torch.inference_mode()")
+    outs: list[Tensor] = []
+    with torch.enable_grad():
+        for j in range(fmap.num_slots):
+            outs.append(fmap.eval_slot(fmap.x_T if j == 0 else outs[-1], j))
+    return torch.stack(outs, dim=1)
 
 
 class _AdjointBackward:
@@ -254,9 +322,10 @@ class _AdjointBackward:
             (vjp,) = torch.autograd.grad(f_req, z_req, g, retain_graph=True, allow_unused=True)
             return grad if vjp is None else grad + vjp  # g <- J^T g + dL/dz   (1)
 
-        opts = {**_ADJOINT_DEFAULTS[cfg.adjoint_solver], **dict(cfg.adjoint_options)}
+        name = resolve_adjoint_solver(cfg.adjoint_solver, fmap.form)
+        opts = {**_ADJOINT_DEFAULTS[name], **dict(cfg.adjoint_options)}
         max_iter = cfg.adjoint_max_iter if cfg.adjoint_max_iter is not None else T
-        g, stats = get_solver(cfg.adjoint_solver)(
+        g, stats = get_solver(name)(
             adjoint_map, grad, max_iter=max_iter, tol=float(cfg.adjoint_tol), stop_mode=cfg.adjoint_stop_mode,
             **opts,
         )

@@ -215,6 +215,19 @@ class ChainMap:
         E = E.reshape(B, J, *E.shape[1:]).to(X.dtype)
         return E if self.form == "cumsum" else self._steps(Z, E, lo, hi)
 
+    def eval_slot(self, x_in: Tensor, j: int) -> Tensor:
+        """``step`` form: Phi_j(x_in), the output of slot j for the (B, C, H, W) input ``x_in`` (x_T for slot 0,
+        the state of slot j - 1 otherwise); one model call on B images. The building block of the sequential
+        schedule and of the adjoint's back-substitution (:mod:`deqir.deq.grad`)."""
+        if self.form != "step":
+            raise ValueError("eval_slot needs the map's step form (form='step')")
+        if not 0 <= j < self.num_slots:
+            raise ValueError(f"slot {j} outside [0, {self.num_slots})")
+        B = x_in.shape[0]
+        t = self.t_all[j : j + 1].repeat(B)
+        E = self.eps_evaluator(x_in, t).to(x_in.dtype)
+        return self._steps(x_in.unsqueeze(1), E.unsqueeze(1), j, j + 1)[:, 0]
+
     def _steps(self, Z: Tensor, E: Tensor, lo: int, hi: int) -> Tensor:
         """One step of the chain (deqir.chains) per slot: inputs Z and eps E (B, J, ...) -> outputs."""
         vjp, self._vjp = slot_vjp(self._vjp), None

@@ -298,6 +298,14 @@ def finalize(plain: dict[str, Any], store: RunStore, writer: RestorationWriter, 
             window = "all slots" if choice.schedule == "all_slots" else f"a frontier window of {choice.window or 1}"
             line += (f"\nmode={plain['mode']} solves the equilibrium every step: quasi_newton with {window} "
                      f"per round (deqir.lit.optimization)")
+            module = getattr(trainer, "lightning_module", None)
+            if hasattr(module, "solve_config"):
+                g = module.gradient_config()
+                if module.solve_config().sequential_sweep:
+                    line += ("; that is the sequential schedule, run with autograd: one sweep gives the exact "
+                             "equilibrium and backprop the exact back-substitution adjoint")
+                elif g.mode == "ift":
+                    line += f"; IFT adjoint: {g.adjoint_solver}"
     print(line, flush=True)
     RUN_LOG.info(line)
     return summary

@@ -8,7 +8,7 @@ images). Gradients need ``Trainer(inference_mode=False)`` (every ``trainer/`` co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor
@@ -31,6 +31,7 @@ class OptimizationSettings:
     min_improvement: float
     stop_below: float | None
     invert_init: str
+    invert_init_iters: int
     invert_with_operator: bool
     prior_weight: float
 
@@ -89,10 +90,26 @@ class InitOptimizationModule(RestorationModule):
             c = self.auto_choice
             opts = {k: v for k, v in ch.solver_options.items() if k != "knee_factor"}
             opts["window"] = None if c.schedule == "all_slots" else int(c.window or 1)
+            # the sequential schedule solved with autograd: the exact equilibrium and, by backpropagation, the
+            # exact back-substitution adjoint in one sweep (T forward + T backward slot evaluations)
+            g = self.gradient_config()
+            sweep = (opts["window"] == 1 and ch.form == "step" and g.mode == "ift"
+                     and g.adjoint_solver == "back_substitution")
             return SolveConfig(solver="quasi_newton", max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
-                               options=opts)
+                               options=opts, sequential_sweep=sweep)
         return SolveConfig(solver=ch.solver, max_iter=ch.max_iter, tol=ch.tol, stop_mode=ch.stop_mode,
                            options=dict(ch.solver_options))
+
+    def gradient_config(self) -> DEQGradientConfig:
+        """``gradient/`` with ``adjoint_solver=auto`` resolved: picard (the parallel schedule of the adjoint) where
+        solver=auto chose all slots per round, back_substitution (the sequential schedule, exact) on the step
+        form otherwise (docs/gradients.md)."""
+        g, ch = self.gradient, self.chain
+        if g.adjoint_solver != "auto":
+            return g
+        all_slots = (ch.sampler == "deq" and ch.solver == "auto" and self.auto_choice is not None
+                     and self.auto_choice.schedule == "all_slots")
+        return replace(g, adjoint_solver="picard" if all_slots or ch.form != "step" else "back_substitution")
 
     def max_batch(self) -> int | None:
         """The model's micro-batch: ``sampler.max_batch``, else the knee solver=auto measured (window schedule)."""
@@ -112,7 +129,7 @@ class InitOptimizationModule(RestorationModule):
             reference=reference, ground_truth=p.target, reference_kind=opt.reference_kind,
             lpips_net=opt.lpips_net, lpips_loss=self.lpips_loss, steps=opt.steps, lr=opt.lr,
             patience=opt.patience, min_improvement=opt.min_improvement, stop_below=opt.stop_below,
-            solve=self.solve_config(), gradient=self.gradient, max_batch=self.max_batch(),
+            solve=self.solve_config(), gradient=self.gradient_config(), max_batch=self.max_batch(),
             callback=self._progress(p), map_form=self.chain.form, clip_x0=self.chain.clip_x0,
             chain=self.chain.chain, chain_params=self.chain.chain_params, sigma_y=self.sigma_y,
         )
@@ -187,9 +204,10 @@ class InversionModule(InitOptimizationModule):
         res = invert_image(
             self.model, self.coeffs, p.target, operator=self.operator if with_op else None,
             y=p.y if with_op else None, z=p.z, init=opt.invert_init if opt.invert_init != "noise" else p.x_T,
+            init_iters=opt.invert_init_iters,
             steps=opt.steps, lr=opt.lr, prior_weight=opt.prior_weight, patience=opt.patience,
             min_improvement=opt.min_improvement, stop_below=opt.stop_below, solve=self.solve_config(),
-            gradient=self.gradient, max_batch=self.max_batch(), callback=self._progress(p),
+            gradient=self.gradient_config(), max_batch=self.max_batch(), callback=self._progress(p),
             map_form=self.chain.form, clip_x0=self.chain.clip_x0,
         )
         return self.to_restored(res)

@@ -2,14 +2,14 @@
 
 * :func:`optimize_init` -- optimise x_T per image against weighted ``consistency`` / ``reference`` /
   ``oracle`` / ``prior`` terms (:mod:`deqir.optim.losses`).
-* :func:`invert_image` -- DDIM inversion (:func:`ddim_invert`) then DEQ-gradient refinement of x_T.
+* :func:`invert_image` -- fixed-point (:func:`fixed_point_invert`) or DDIM inversion (:func:`ddim_invert`), then DEQ-gradient refinement of x_T.
 
 Gradients come from :mod:`deqir.deq.grad` (``ift`` | ``phantom`` | ``unroll``); see docs/gradients.md.
 """
 from __future__ import annotations
 
 from deqir.optim.init_opt import STOP_REASONS, InitOptResult, SolveConfig, optimize_init
-from deqir.optim.inversion import INVERSION_INITS, ddim_invert, invert_image
+from deqir.optim.inversion import INVERSION_INITS, ddim_invert, fixed_point_invert, invert_image
 from deqir.optim.losses import (
     LOSS_NAMES,
     REFERENCE_KINDS,
@@ -30,6 +30,7 @@ __all__ = [
     "SolveConfig",
     "consistency_loss",
     "ddim_invert",
+    "fixed_point_invert",
     "invert_image",
     "l2_loss",
     "optimize_init",

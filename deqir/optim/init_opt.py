@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from deqir.chains import make_step
 from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.protocols import EpsModel, LinearOperator
-from deqir.deq.grad import DEQGradientConfig
+from deqir.deq.grad import DEQGradientConfig, resolve_adjoint_solver, sequential_with_gradient
 from deqir.deq.joint_map import ChainMap, EpsEvaluator
 from deqir.deq.solvers import get_solver, solver_options
 from deqir.optim.losses import LossTerms, ReferenceKind
@@ -62,6 +62,12 @@ class SolveConfig:
         max_iter, tol, stop_mode: stopping rule of one solve.
         options: extra solver keywords (e.g. ``history_size``, ``beta``).
         warm_start: start each solve from the previous step's states (official behaviour).
+        sequential_sweep: solve each step's equilibrium by the sequential schedule *with* autograd
+            (:func:`~deqir.deq.grad.sequential_with_gradient`: one sweep of T single-slot calls, exact) instead
+            of a no-grad solve plus the gradient attachment; with the IFT gradient this is the exact
+            back-substitution adjoint (docs/gradients.md) at T forward + T backward slot evaluations. Needs the
+            step form and ``gradient.mode="ift"`` with ``adjoint_solver`` auto or back_substitution; the
+            solver fields are then unused. The app sets it where solver=auto chose the sequential schedule.
     """
 
     solver: str
@@ -70,6 +76,7 @@ class SolveConfig:
     stop_mode: str
     options: Mapping[str, Any] = field(default_factory=dict)
     warm_start: bool = True
+    sequential_sweep: bool = False
 
     def __post_init__(self) -> None:
         valid = set(solver_options(self.solver)) - {"max_iter", "tol", "stop_mode", "callback"}
@@ -222,7 +229,7 @@ def optimize_init(
     gradient = gradient or DEQGradientConfig()
     B, T = x_T0.shape[0], len(coeffs)
     _check_arguments(x_T0, T, steps=steps, patience=patience, lr=lr, init_states=init_states, reference=reference,
-                     ground_truth=ground_truth, chain=chain, map_form=map_form)
+                     ground_truth=ground_truth, chain=chain, map_form=map_form, solve=solve, gradient=gradient)
     terms = LossTerms(losses, operator=operator, y=y, reference=reference, ground_truth=ground_truth,
                       reference_kind=reference_kind, lpips_net=lpips_net, lpips_loss=lpips_loss)
     solver_fn = get_solver(solve.solver)
@@ -246,17 +253,22 @@ def optimize_init(
                 **{"clip_x0": clip_x0, **dict(chain_params or {})})
             fmap = ChainMap(model, coeffs, xa, operator=operator, y=sub(y), z=sub(z), max_batch=max_batch,
                             eps_evaluator=eps_evaluator, form=map_form, clip_x0=clip_x0, step_fn=step_fn)
-            # 2. forward solve without autograd, warm-started
-            z0 = sub(prev) if prev is not None else fmap.initial_state()
-            z_star, stats = solver_fn(fmap, z0, max_iter=solve.max_iter, tol=solve.tol,
-                                      stop_mode=solve.stop_mode, **dict(solve.options))
-            # 3. gradient attachment; x0 = last slot
-            states = gradient.attach(fmap, z_star, on_backward=info.update)
+            if solve.sequential_sweep:  # 2.+3. one sweep with autograd: exact equilibrium and IFT gradient
+                states = sequential_with_gradient(fmap)
+                stats = _SweepStats.of(states)
+            else:
+                # 2. forward solve without autograd, warm-started
+                z0 = sub(prev) if prev is not None else fmap.initial_state()
+                z_star, stats = solver_fn(fmap, z0, max_iter=solve.max_iter, tol=solve.tol,
+                                          stop_mode=solve.stop_mode, **dict(solve.options))
+                # 3. gradient attachment; x0 = last slot
+                states = gradient.attach(fmap, z_star, on_backward=info.update)
             x0 = states[:, -1]
             # 4. per-image objective
             vals = terms(x0, xa, None if everyone else idx)
         total = vals["total"].detach().double().cpu()
-        entry = _history_entry(step, idx, B, T, total, vals, terms, best.active, stats, gradient)
+        entry = _history_entry(step, idx, B, T, total, vals, terms, best.active, stats,
+                               0 if solve.sequential_sweep else _attach_evals(gradient))
         if ground_truth is not None:
             entry["psnr"] = _scatter(torch.tensor(_psnr(x0, sub(ground_truth)), dtype=torch.float64), idx, B)
         history.append(entry)
@@ -288,7 +300,7 @@ def optimize_init(
 
 def _check_arguments(x_T0: Tensor, T: int, *, steps: int, patience: int | None, lr: float,
                      init_states: Tensor | None, reference: Tensor | None, ground_truth: Tensor | None, chain: str,
-                     map_form: str) -> None:
+                     map_form: str, solve: SolveConfig, gradient: DEQGradientConfig) -> None:
     """RuntimeError under inference mode; ValueError (one line) for an invalid argument."""
     if torch.is_inference_mode_enabled() or x_T0.is_inference():
         raise RuntimeError("optimize_init needs autograd: call it outside torch.inference_mode() "
@@ -308,12 +320,18 @@ def _check_arguments(x_T0: Tensor, T: int, *, steps: int, patience: int | None, 
     check_optimizable(chain)
     if chain != "ddnm" and map_form != "step":
         raise ValueError(f"chain {chain!r} is solved in the map's step form: pass map_form='step'")
+    if solve.sequential_sweep:
+        if map_form != "step":
+            raise ValueError("solve.sequential_sweep needs the map's step form: pass map_form='step'")
+        if gradient.mode != "ift" or resolve_adjoint_solver(gradient.adjoint_solver, map_form) != "back_substitution":
+            raise ValueError("solve.sequential_sweep gives the IFT gradient with the back-substitution adjoint: "
+                             "use gradient mode 'ift' with adjoint_solver auto or back_substitution, or turn "
+                             "the sweep off")
 
 
 def _history_entry(step: int, idx: Tensor, B: int, T: int, total: Tensor, vals: dict[str, Tensor],
-                   terms: LossTerms, active: Tensor, stats, gradient: DEQGradientConfig) -> dict[str, Any]:
+                   terms: LossTerms, active: Tensor, stats, attach_evals: int) -> dict[str, Any]:
     """One evaluation's :attr:`InitOptResult.history` entry (per-image lists, NaN for stopped images)."""
-    attach_evals = {"ift": 1, "phantom": gradient.phantom_steps, "unroll": gradient.unroll_rounds}[gradient.mode]
     return {
         "step": step,
         "loss": _scatter(total, idx, B),
@@ -327,6 +345,29 @@ def _history_entry(step: int, idx: Tensor, B: int, T: int, total: Tensor, vals: 
         "adjoint_rounds": None,
         "uses_oracle": terms.uses_oracle,
     }
+
+
+def _attach_evals(gradient: DEQGradientConfig) -> int:
+    """Map evaluations (rounds of T slots) of the gradient attachment."""
+    return {"ift": 1, "phantom": gradient.phantom_steps, "unroll": gradient.unroll_rounds}[gradient.mode]
+
+
+@dataclass(frozen=True)
+class _SweepStats:
+    """The solver facts of a sequential sweep (exact: one evaluation of every slot, residual 0)."""
+
+    rounds: int
+    nfe: int
+    best_residual: Tensor
+    converged: Tensor
+    image_rounds: Tensor
+
+    @classmethod
+    def of(cls, states: Tensor) -> "_SweepStats":
+        B, T = states.shape[:2]
+        finite = torch.isfinite(states.detach()).flatten(1).all(1).cpu()
+        return cls(rounds=T, nfe=B * T, best_residual=torch.where(finite, 0.0, math.inf).double(),
+                   converged=finite, image_rounds=torch.ones(B, dtype=torch.long))
 
 
 class _BestSoFar:

@@ -12,6 +12,15 @@ Two stages:
    which is the official update h <- sqrt(a_{j-1}/a_j) h + sqrt(a_{j-1}) (sqrt(1/a_{j-1} - 1) -
    sqrt(1/a_j - 1)) eps; T - 1 model calls. The final h (at t_0) is x_T. The intermediate values are the
    chain's states (X_{j-1} is the state at t_j), a free warm start for the first DEQ solve.
+   :func:`fixed_point_invert` inverts the chain's own steps instead: for j = T-1 .. 0 it solves
+   Phi_j(h_j) = h_{j+1} (h_T = the image, h_0 = x_T) for the input h_j of the step. With
+   Phi_j(h) = r_j h + g_j eps(h, t_j) + c1_j z_j (unconditional step; r_j = sqrt(a'_j / a_j),
+   g_j = c2_j - sqrt(a'_j) sqrt((1 - a_j) / a_j), docs/solvers.md) this is the fixed point
+
+       h_j = (h_{j+1} - g_j eps(h_j, t_j) - c1_j z_j) / r_j                                        (3)
+
+   iterated ``iters`` times from the DDIM guess eps(h_{j+1}) (iters x T model calls). Near-exact where (3)
+   contracts: then the chain run from x_T reproduces the image up to the residual of (3).
 2. :func:`invert_image` -- refine x_T by DEQ gradients (:func:`~deqir.optim.init_opt.optimize_init`)
    minimising the per-image reconstruction error mean (x0 - x)^2, recording the reconstruction PSNR of
    every evaluation (``history[k]["psnr"]``; step 0 is the DDIM-inversion start).
@@ -33,9 +42,9 @@ from deqir.deq.grad import DEQGradientConfig
 from deqir.deq.joint_map import EpsEvaluator, evaluate_in_chunks
 from deqir.optim.init_opt import InitOptResult, SolveConfig, optimize_init
 
-__all__ = ["INVERSION_INITS", "ddim_invert", "invert_image"]
+__all__ = ["INVERSION_INITS", "ddim_invert", "fixed_point_invert", "invert_image"]
 
-INVERSION_INITS = ("ddim", "noise")
+INVERSION_INITS = ("fixed_point", "ddim", "noise")
 
 
 @torch.no_grad()
@@ -76,6 +85,57 @@ def ddim_invert(
     return h, torch.stack(states, dim=1)
 
 
+@torch.no_grad()
+def fixed_point_invert(
+    model: EpsModel,
+    coeffs: ChainCoefficients,
+    x: Tensor,
+    *,
+    iters: int,
+    z: Tensor | None = None,
+    max_batch: int | None = None,
+    return_states: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Invert the unconditional chain step by step by the fixed point (3) (module docstring).
+
+    Args:
+        model, coeffs: eps-model and chain coefficients (any etw; nw > 0 needs ``z``).
+        x: (B, C, H, W) clean images on [-1, 1]: the chain's output X_{T-1}.
+        iters: fixed-point iterations per step (>= 1; 1 = the DDIM guess corrected once).
+        z: (B, T or 1, C, H, W) the chain's noise (needed when it has a noise term).
+        max_batch: micro-batch size of the model calls.
+        return_states: also return the states (B, T, C, H, W) of the inverted chain (X_{j} = h_{j+1}),
+            the warm start of the first DEQ solve.
+
+    Returns:
+        x_T (B, C, H, W), and the states when ``return_states``.
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    T = len(coeffs)
+    if bool((coeffs.c1 > 0).any()) and z is None:
+        raise ValueError("the chain has a noise term (nw > 0): pass z")
+    a, an = coeffs.a, coeffs.a_next
+    r = torch.sqrt(an / a)
+    g = coeffs.c2 - torch.sqrt(an) * torch.sqrt((1 - a) / a)
+    states: list[Tensor] = [x] * T
+    h_out = x
+    for j in range(T - 1, -1, -1):
+        t = torch.full((x.shape[0],), int(coeffs.t[j]), dtype=torch.long, device=x.device)
+        rhs = h_out
+        if float(coeffs.c1[j]) > 0:
+            rhs = rhs - float(coeffs.c1[j]) * (z[:, 0] if z.shape[1] == 1 else z[:, j]).to(x.dtype)
+        h = h_out  # DDIM guess: eps evaluated at the step's output
+        for _ in range(iters):
+            eps = evaluate_in_chunks(model, h, t, max_batch).to(x.dtype)
+            h = (rhs - float(g[j]) * eps) / float(r[j])  # (3)
+        states[j] = h_out
+        h_out = h
+    if not return_states:
+        return h_out
+    return h_out, torch.stack(states, dim=1)
+
+
 def invert_image(
     model: EpsModel,
     coeffs: ChainCoefficients,
@@ -84,7 +144,8 @@ def invert_image(
     operator: LinearOperator | None = None,
     y: Tensor | None = None,
     z: Tensor | None = None,
-    init: Literal["ddim", "noise"] | Tensor = "ddim",
+    init: Literal["fixed_point", "ddim", "noise"] | Tensor = "fixed_point",
+    init_iters: int = 2,
     generator: torch.Generator | None = None,
     steps: int,
     lr: float,
@@ -106,8 +167,10 @@ def invert_image(
         model, coeffs: eps-model and chain coefficients.
         x: (B, C, H, W) clean images on [-1, 1] to invert.
         operator, y, z: optional degradation (y defaults to ``operator.A(x)``) and chain noise.
-        init: ``"ddim"`` (:func:`ddim_invert`, whose path also warm-starts the first solve), ``"noise"``
-            (x_T ~ N(0, I) from ``generator``) or a (B, C, H, W) tensor.
+        init: ``"fixed_point"`` (:func:`fixed_point_invert`, the chain's steps inverted by ``init_iters``
+            fixed-point iterations each), ``"ddim"`` (:func:`ddim_invert`); both paths warm-start the first
+            solve; ``"noise"`` (x_T ~ N(0, I) from ``generator``) or a (B, C, H, W) tensor.
+        init_iters: fixed-point iterations per step of ``init="fixed_point"``.
         steps, lr, patience, min_improvement, stop_below, solve, gradient, max_batch, eps_evaluator,
         callback, map_form, clip_x0: as :func:`~deqir.optim.init_opt.optimize_init`.
         prior_weight: weight of the Gaussian-shell ``prior`` term (0: reconstruction only).
@@ -125,6 +188,9 @@ def invert_image(
         if init.shape != x.shape:
             raise ValueError(f"init must have the shape of x {tuple(x.shape)}, got {tuple(init.shape)}")
         x_T0 = init.to(x.dtype)
+    elif init == "fixed_point":
+        x_T0, init_states = fixed_point_invert(model, coeffs, x, iters=init_iters, z=z, max_batch=max_batch,
+                                               return_states=True)
     elif init == "ddim":
         x_T0, init_states = ddim_invert(model, coeffs, x, max_batch=max_batch, return_states=True)
     elif init == "noise":
