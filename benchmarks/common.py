@@ -95,22 +95,6 @@ def write_json(path: str | None, payload: dict) -> None:
     print(f"wrote {p}")
 
 
-def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of the per-image differences a - b with its 95 % t-interval (n - 1 degrees of freedom)."""
-    import math
-    import statistics
-
-    from scipy.stats import t as student_t
-
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = statistics.fmean(d) if n else math.nan
-    if n < 2:
-        return {"n": n, "mean": mean, "lo": math.nan, "hi": math.nan}
-    half = float(student_t.ppf(0.975, n - 1)) * statistics.stdev(d) / math.sqrt(n)
-    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half}
-
-
 def eval_images(size: int, n: int | None = None, root: Path | None = None) -> tuple[list[str], torch.Tensor]:
     """(names, (N, 3, size, size) on [-1, 1]) of the evaluation set data/eval/<size>/*.png (data/eval_set.py)."""
     import numpy as np

@@ -42,7 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import eval_images, machine_info, paired_difference, print_table, write_json  # noqa: E402
+from benchmarks.common import eval_images, machine_info, print_table, write_json  # noqa: E402
+from benchmarks.stats import paired  # noqa: E402
 from benchmarks.deq_vs_sequential import load_model, sample_images  # noqa: E402
 from benchmarks.quality import task_operator  # noqa: E402
 from deqir.deq.grad import DEQGradientConfig  # noqa: E402
@@ -201,8 +202,8 @@ def report_eval(args) -> str:
                            r["lr"]), []).append(r)
     table = []
     for (obj, chain, task, peer, over, lr), rs in groups.items():
-        dp = paired_difference([r["psnr_after"] for r in rs], [r["psnr_before"] for r in rs])
-        dl = paired_difference([r["lpips_after"] for r in rs], [r["lpips_before"] for r in rs])
+        dp = paired([r["psnr_after"] for r in rs], [r["psnr_before"] for r in rs])
+        dl = paired([r["lpips_after"] for r in rs], [r["lpips_before"] for r in rs])
         table.append({"objective": obj + (f" (to {peer})" if peer else ""), "chain": chain + (f" ({over})" if over else ""),
                       "task": task, "lr": lr, "n": len(rs),
                       "psnr_before": statistics.fmean(r["psnr_before"] for r in rs),

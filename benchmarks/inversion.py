@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import eval_images, paired_difference, print_table, write_json  # noqa: E402
+from benchmarks.common import eval_images, print_table, write_json  # noqa: E402
+from benchmarks.stats import paired  # noqa: E402
 from benchmarks.deq_vs_sequential import load_model, psnr  # noqa: E402
 from deqir.deq.grad import DEQGradientConfig  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402
@@ -127,7 +128,7 @@ def report(args, out: Path) -> None:
     if "ddim" in per:
         for cfg, by in per.items():
             common = sorted(set(by) & set(per["ddim"]))
-            d = paired_difference([by[i]["psnr"] for i in common], [per["ddim"][i]["psnr"] for i in common])
+            d = paired([by[i]["psnr"] for i in common], [per["ddim"][i]["psnr"] for i in common])
             table_rows.append({"start": cfg, "n": len(common), "psnr": statistics.fmean(by[i]["psnr"] for i in common),
                                "min": min(by[i]["psnr"] for i in common),
                                "ge35": sum(by[i]["psnr"] >= 35 for i in common),

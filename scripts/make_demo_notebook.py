@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 import deqir
 from deqir.datasets.images import center_crop_resize, read_image, to_tensor
 from deqir.samplers.deq import sample_deq
-from deqir.samplers.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import chain_start, draw_chain_noise, sample_sequential
 from deqir.lit.builders import build_chain, build_model, build_operator, chain_settings, samples_dir
 from deqir.metrics import psnr
 from deqir.utils.images import to_unit
@@ -83,6 +83,7 @@ y = op.measure(x, sigma_y, torch.Generator().manual_seed(0))
 coeffs = build_chain(cfg["sampler"], model.schedule, op, sigma_y)
 st = chain_settings(cfg["sampler"], cfg["solver"], cfg["chain"])
 x_T, z = draw_chain_noise(x.shape, len(coeffs), [torch.Generator().manual_seed(0)], st.per_step_noise)
+x_T = chain_start(coeffs, x_T, operator=op, y=y)       # the task's grid starts from A+y diffused to t = 400
 print(f"T = {len(coeffs)}, chain {st.chain} (etw {cfg['sampler']['etw']}, nw {cfg['sampler']['nw']}), "
       f"solver {st.solver} from init={st.init}, map form {st.form}")
 
@@ -122,14 +123,16 @@ the chain is the colorize task's deterministic one, solved exactly by T Picard r
     code("""from deqir.deq.grad import DEQGradientConfig
 from deqir.optim import SolveConfig, optimize_init
 
-# the colorize task's recommended chain (deterministic DDIM, x0 clipped, Picard: exact after T rounds)
-ccfg = OmegaConf.to_container(deqir.compose_config("colorize", ["sampler.timesteps=8"]), resolve=True)
+# the colorize task's recommended chain (deterministic DDIM, x0 clipped), solved by Picard: exact after T rounds
+ccfg = OmegaConf.to_container(deqir.compose_config("colorize", ["sampler.timesteps=8", "solver=picard"]),
+                              resolve=True)
 x = load("coffee", 32)
 op = build_operator(ccfg["task"], tuple(x.shape[1:]))
 y = op.measure(x, 0.0)
 coeffs = build_chain(ccfg["sampler"], model.schedule, op, 0.0)
 cst = chain_settings(ccfg["sampler"], ccfg["solver"], ccfg["chain"])
 x_T, z = draw_chain_noise(x.shape, len(coeffs), [torch.Generator().manual_seed(1)], cst.per_step_noise)
+x_T = chain_start(coeffs, x_T, operator=op, y=y)       # from the grey image diffused to t = 288
 stop = dict(solver=cst.solver, max_iter=cst.max_iter, tol=cst.tol, stop_mode=cst.stop_mode, options=cst.solver_options)
 unsteered = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, **stop, init=cst.init, form=cst.form,
                        clip_x0=cst.clip_x0).x0

@@ -139,7 +139,7 @@ def test_restoration_module_starts_a_truncated_chain_from_the_measurement():
     a0 = float(module.coeffs.a[0])
     assert module.coeffs.from_measurement and int(module.coeffs.t[0]) < 300
     assert torch.allclose(p.x_T, diffuse(op.A_pinv(p.y), noise, a0), atol=1e-6)
-    _, _, full = problem([])
+    _, _, full = problem(["sampler.t_start=null"])
     assert torch.allclose(full.x_T, noise)  # t_start = null: pure noise, as before
 
 
@@ -155,3 +155,16 @@ def test_clipped_deterministic_presets_solve_under_quasi_newton(task, tmp_path):
     for png in (tmp_path / "seq" / "images").glob("*.png"):
         diff = pixels(png).astype(int) - pixels(tmp_path / "qn" / "images" / png.name).astype(int)
         assert abs(diff).max() <= 1
+
+
+def test_chain_start_is_the_noise_or_the_diffused_measurement():
+    from deqir.samplers import chain_start
+
+    coeffs, x_T, z, op, y = _problem("quad", None)
+    noise = torch.randn_like(x_T)
+    assert chain_start(coeffs, noise) is noise  # t_start = null: pure noise, nothing else needed
+    truncated, *_ = _problem("quad", 400)
+    out = chain_start(truncated, noise, operator=op, y=y)
+    assert torch.allclose(out, diffuse(op.A_pinv(y), noise, float(truncated.a[0])))
+    with pytest.raises(ValueError, match="starts from the measurement: pass operator and y"):
+        chain_start(truncated, noise)

@@ -145,8 +145,10 @@ def test_app_builders_accept_optimizable_chains():
     plain = OmegaConf.to_container(cfg, resolve=False)
     assert "optimization" in optimization_kwargs("optimize_init", plain, SHAPE)
     assert "optimization" in optimization_kwargs("optimize_init", {**plain, "chain": {"name": "pigdm"}}, SHAPE)
+    assert "optimization" in optimization_kwargs("invert", plain, SHAPE)  # unconditional: the chain plays no part
+    with_op = {**plain, "optimize": {**plain["optimize"], "invert_with_operator": True}}
     with pytest.raises(ValueError, match="DDNM chain only"):
-        optimization_kwargs("invert", plain, SHAPE)
+        optimization_kwargs("invert", with_op, SHAPE)
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from torch import Tensor
 from deqir.chains import ChainStep, make_step
 from deqir.deq.joint_map import evaluate_in_chunks
 from deqir.samplers.deq import sample_deq
-from deqir.diffusion.chain import ChainCoefficients, diffuse
-from deqir.samplers.sequential import draw_chain_noise, sample_sequential
+from deqir.diffusion.chain import ChainCoefficients
+from deqir.samplers.sequential import chain_start, draw_chain_noise, sample_sequential
 from deqir.lit.distributed import TimestepParallelEvaluator
 from deqir.lit.samples import expand, sample_seed, summarize_samples
 from deqir.metrics import MetricSuite, colorization_consistency, consistency
@@ -236,9 +236,7 @@ class RestorationModule(pl.LightningModule):
             names = [f"{n}_{k}" for n in batch["name"] for k in range(K)]
             y = y.repeat_interleave(K, dim=0)
             target = target.repeat_interleave(K, dim=0) if target is not None else None
-        if self.coeffs.from_measurement:  # a truncated chain starts from A^+ y diffused to its first level
-            with torch.no_grad():
-                x_T = diffuse(op.A_pinv(y).to(x_T.dtype), x_T, float(self.coeffs.a[0]))
+        x_T = chain_start(self.coeffs, x_T, operator=op, y=y)  # a truncated grid starts from A^+ y
         return Problem(index=expand(index, K), names=names, y=y, x_T=x_T, z=z, target=target, num_samples=K,
                        image_names=list(batch["name"]))
 

@@ -13,7 +13,7 @@ samplers -> optim -> lit / api.
 from __future__ import annotations
 
 from deqir.samplers.deq import INITS, DEQResult, coarse_warm_start, sample_deq
-from deqir.samplers.sequential import SequentialStats, draw_chain_noise, rectify, sample_sequential
+from deqir.samplers.sequential import SequentialStats, chain_start, draw_chain_noise, rectify, sample_sequential
 
-__all__ = ["INITS", "DEQResult", "SequentialStats", "coarse_warm_start", "draw_chain_noise", "rectify",
+__all__ = ["INITS", "DEQResult", "SequentialStats", "chain_start", "coarse_warm_start", "draw_chain_noise", "rectify",
            "sample_deq", "sample_sequential"]

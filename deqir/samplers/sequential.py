@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from deqir.chains import eps_and_vjp, slot_vjp
-from deqir.diffusion.chain import ChainCoefficients
+from deqir.diffusion.chain import ChainCoefficients, diffuse
 from deqir.diffusion.protocols import EpsModel, LinearOperator
 
 
@@ -47,6 +47,19 @@ def draw_chain_noise(
         zs.append(torch.randn((n_z, *img), generator=g, dtype=torch.float32))
     to = dict(dtype=dtype, device=device)
     return torch.stack(xs).to(**to), torch.stack(zs).to(**to)
+
+
+def chain_start(coeffs: ChainCoefficients, noise: Tensor, *, operator: LinearOperator | None = None,
+                y: Tensor | None = None) -> Tensor:
+    """The state the chain starts from (B, C, H, W): the drawn noise x_T, or -- for a grid truncated at t_start < N
+    (``coeffs.from_measurement``) -- A^+ y diffused to the first level with that noise (docs/solvers.md "Grids")."""
+    if not coeffs.from_measurement:
+        return noise
+    if operator is None or y is None:
+        raise ValueError("a chain truncated at t_start < N starts from the measurement: pass operator and y "
+                         "(or use sampler.t_start=null)")
+    with torch.no_grad():
+        return diffuse(operator.A_pinv(y).to(noise.dtype), noise, float(coeffs.a[0]))
 
 
 def rectify(x0: Tensor, lam: float, operator: LinearOperator | None, pinv_y: Tensor | None) -> Tensor:
