@@ -9,7 +9,7 @@ import torch
 
 from deqir.diffusion.chain import make_chain
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid
-from deqir.diffusion.sequential import draw_chain_noise, sample_sequential
+from deqir.samplers.sequential import draw_chain_noise, sample_sequential
 from deqir.operators import ValidBlur, ValidSeparableBlur, make_operator, valid_image_shape
 from paper_settings import paper_deq
 from tiny_models import tiny_unet
