@@ -27,7 +27,7 @@ from deqir.chains import make_step  # noqa: E402
 from deqir.samplers.deq import sample_deq  # noqa: E402
 from deqir.diffusion.chain import make_chain  # noqa: E402
 from deqir.diffusion.schedule import NoiseSchedule, SamplingGrid  # noqa: E402
-from deqir.samplers.sequential import draw_chain_noise, sample_sequential  # noqa: E402
+from deqir.samplers.sequential import chain_start, draw_chain_noise, sample_sequential  # noqa: E402
 from deqir.lit.builders import chain_settings  # noqa: E402
 from deqir.metrics import MetricSuite  # noqa: E402
 from deqir.operators import make_operator  # noqa: E402
@@ -69,10 +69,14 @@ def restore_with_chain(model, task: str, x: torch.Tensor, T: int, overrides: lis
     y = torch.cat([op.measure(x[b : b + 1], sigma_y, torch.Generator().manual_seed(100 + b)) for b in range(B)])
     gain = op.pinv_noise_gain() if sigma_y > 0 else 1.0
     sampler = cfg["sampler"]
-    coeffs = make_chain(NoiseSchedule.create(), SamplingGrid.create(T), etw=sampler["etw"], nw=sampler["nw"],
+    sched = NoiseSchedule.create()
+    grid = SamplingGrid.create(T, skip_type=sampler["skip_type"], t_start=sampler.get("t_start"), rho=sampler["rho"],
+                               schedule=sched)  # the task's step placement and start (docs/solvers.md "Grids")
+    coeffs = make_chain(sched, grid, etw=sampler["etw"], nw=sampler["nw"],
                         sigma_y_eff=2 * sigma_y * gain, noise_aware=sampler["noise_aware"])
     gens = [torch.Generator().manual_seed(b) for b in range(B)]
     x_T, z = draw_chain_noise(x.shape, T, gens, per_step_noise=st.per_step_noise, device=device)
+    x_T = chain_start(coeffs, x_T, operator=op, y=y)
     step = None
     if st.chain != "ddnm":
         step = make_step(st.chain, coeffs, operator=op, y=y, z=z, sigma_y=sigma_y,

@@ -97,8 +97,8 @@ def test_two_processes_match_one(single_run, tmp_path, timesteps):
 @pytest.mark.slow
 def test_two_nodes_on_localhost_match_one_process(single_run, tmp_path):
     """Multi-node without SLURM (docs/app.md "Multi-GPU and clusters"): two processes as two nodes on localhost
-    (MASTER_ADDR / MASTER_PORT / NODE_RANK, num_nodes=2 x devices=1), timestep-parallel over gloo, write the
-    same bytes as one process."""
+    (MASTER_ADDR / MASTER_PORT / NODE_RANK, num_nodes=2 x devices=1), timestep-parallel over gloo, give one
+    process's results up to batch round-off (inputs and targets byte for byte)."""
     import subprocess
     import sys
 
@@ -120,10 +120,7 @@ def test_two_nodes_on_localhost_match_one_process(single_run, tmp_path):
     for sub in ("images", "inputs", "targets"):
         names = sorted(p.name for p in (single_run / sub).glob("*.png"))
         assert names == ["astronaut.png", "chelsea.png", "coffee.png"]
-        for name in names:
-            assert (run / sub / name).read_bytes() == (single_run / sub / name).read_bytes(), f"{sub}/{name}"
-    for x, y in zip(_rows(single_run), _rows(run)):  # the solver residual is a reduction over the split slots
-        assert {k: v for k, v in x.items() if k not in ("seconds", "residual")} == \
-               {k: v for k, v in y.items() if k not in ("seconds", "residual")}
-        assert float(x["residual"]) == pytest.approx(float(y["residual"]), rel=1e-4)
+    # the same contract as two processes on one node: slots split across the nodes go through the UNet in smaller
+    # batches, so restored images agree to batch round-off (at most one 8-bit level); inputs/targets are identical
+    _same_outputs(single_run, run)
     assert [sum("images |" in ln for ln in out.splitlines()) for out, _ in outs] == [1, 0]  # node 0 reports

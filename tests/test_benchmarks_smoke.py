@@ -25,8 +25,8 @@ def test_quality_benchmark_composes_task_presets(tmp_path):
                      tmp_path / "q.json")
     rows = {r["task"]: r for r in data["rows"]}
     assert rows["deblur"]["solver"] == "quasi_newton" and rows["deblur"]["clip_x0"] is False  # solver=auto's
-    assert rows["colorize"]["solver"] == "picard" and rows["colorize"]["clip_x0"] is True  # the task's preset
-    assert rows["colorize"]["psnr_deq_seq"] > 60  # Picard is exact after T rounds
+    assert rows["colorize"]["solver"] == "quasi_newton" and rows["colorize"]["clip_x0"] is True  # the task's preset
+    assert rows["colorize"]["psnr_deq_seq"] > 45  # quasi_newton reaches the clipped chain's fixed point
     for r in rows.values():
         assert all(math.isfinite(r[k]) for k in ("psnr_base", "psnr_seq", "psnr_deq"))
 
