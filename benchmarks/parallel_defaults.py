@@ -62,6 +62,7 @@ def run_task(task: str, T: int, overrides: list[str], names, images, args) -> di
         vals = [p[k] for p in per]
         out[k] = sum(vals) / n
         out[f"{k}_max"] = max(vals)
+    out["per_image"] = [{"name": nm, **p} for nm, p in zip(names, per)]  # for paired comparisons
     return out
 
 
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
         for task in args.tasks:
             r = run_task(task, T, list(args.override), names, images, args)
             rows.append(r)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "per_image"}, flush=True)
     cols = [("task", "task", ""), ("T", "T", ""), ("config", "grid / overrides", ""), ("n", "images", ""),
             ("rounds_45", "rounds to 45 dB", ".1f"), ("rounds_45_max", "max", ".0f"), ("rounds", "rounds (stop)", ".1f"),
             ("work", "work", ".2f"), ("psnr_seq", "dB to seq at stop", ".1f")]

@@ -10,7 +10,7 @@ from paper_settings import paper_deq
 from tiny_models import TinyEps
 
 from deqir.deq.joint_map import ChainMap
-from deqir.deq.linearize import SpectralGaussianPrior
+from deqir.deq.linearize import SpectralGaussianPrior, radial_bins
 from deqir.deq.solvers import quasi_newton
 from deqir.samplers.sequential import sample_sequential
 from deqir.lit.autotune import choose_schedule, measure_batch_costs
@@ -41,8 +41,10 @@ def test_exact_tolerance_gives_the_sequential_chain(task, window, history):
     assert res.stats.rounds <= T
     B = traj.shape[0]
     w = T if window is None else window
-    # work is counted exactly: the evaluated window of every round (frozen slots are never re-evaluated)
-    assert res.stats.nfe == B * sum(hi - lo for lo, hi in res.stats.window_trace.tolist())
+    # work is counted exactly: the evaluated window of every round (frozen slots are never re-evaluated), plus
+    # the first round's probes of the measured linearisation (7 levels, one evaluation each) on the full window
+    probes = B * 7 if window is None else 0
+    assert res.stats.nfe == B * sum(hi - lo for lo, hi in res.stats.window_trace.tolist()) + probes
     assert all(hi - lo <= w for lo, hi in res.stats.window_trace.tolist())
 
 
@@ -114,12 +116,69 @@ def test_linear_step_matches_the_gaussian_model_jacobian():
     assert rel(fmap.linear_step(v, j, prior), jvp) < 1e-6
 
 
+def _ring_model(coeffs, k):
+    """An affine eps-model whose denoiser is a fixed ring-wise Fourier multiplier k[ring] (any level)."""
+    def eps(x, t):
+        ring = radial_bins(x.shape[-2], x.shape[-1], k.numel())
+        idx = torch.stack([(coeffs.t == int(ti)).nonzero()[0, 0] for ti in t])
+        a = coeffs.a[idx].to(x.dtype).view(-1, 1, 1, 1)
+        x0 = torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * k[ring].to(x.dtype), norm="ortho").real
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return eps
+
+
+def test_measured_gain_recovers_the_models_fourier_gain():
+    """eval_eps_calibrated returns eval_eps' states and, for a model whose denoiser is a ring multiplier, that
+    multiplier at every probed level (finite differences are exact for an affine model)."""
+    T = 8
+    coeffs, x_T, z, op, y = problem(T, "inpaint", etw=1.0, nw=1.0, per_step=True)
+    k = torch.linspace(1.0, 0.1, 24, dtype=torch.float64) ** 2
+    fmap = ChainMap(_ring_model(coeffs, k), coeffs, x_T, operator=op, y=y, z=z, form="step")
+    X = fmap.surrogate_state(SpectralGaussianPrior())
+    new, gain = fmap.eval_eps_calibrated(X, 0, T, levels=4, nbins=24)
+    assert rel(new, fmap.eval_eps(X, 0, T)) < 1e-12
+    C = x_T.shape[1]
+    assert gain.K.shape == (x_T.shape[0], 4, C, C, 24) and gain.levels.numel() == 4
+    present = torch.bincount(radial_bins(*x_T.shape[-2:], 24).flatten(), minlength=24) > 0
+    eye = torch.eye(C, dtype=torch.float64)[:, :, None]  # the model does not mix channels
+    assert (gain.K[..., present] - eye * k[present]).abs().max() < 1e-9
+    v = torch.randn_like(X[:, 0])
+    a = float(coeffs.a[3])  # between probed levels: interpolated, still k
+    ring = radial_bins(*v.shape[-2:], 24)
+    ref = torch.fft.ifft2(torch.fft.fft2(v, norm="ortho") * k[ring], norm="ortho").real
+    assert rel(gain.gain(v, a), ref) < 1e-9
+    with pytest.raises(ValueError, match="levels"):
+        fmap.eval_eps_calibrated(X, 0, T, levels=0)
+
+
+def test_measured_linearisation_makes_newton_exact_on_an_affine_model():
+    """With the model's own gain the sweep is Newton's method with the exact Jacobian: on an affine model the
+    first round already gives the sequential chain; the Gaussian prior's linearisation needs more rounds."""
+    T = 10
+    coeffs, x_T, z, op, y = problem(T, "inpaint", etw=1.0, nw=1.0, per_step=True)
+    # 4 rings: what eval_eps_calibrated measures on the 16-px test images (min(H, W) // 5, at least 4)
+    model = _ring_model(coeffs, torch.linspace(1.0, 0.2, 4, dtype=torch.float64))
+    x0_seq, _ = sample_sequential(model, coeffs, x_T, operator=op, y=y, z=z)
+
+    def errors(levels):
+        errs = []
+        paper_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", max_iter=T, tol=0.0,
+                  stop_mode="noise", form="step", init="surrogate",
+                  options={"output_tol": 0.0, "calibration_levels": levels, "history_size": 0},
+                  callback=lambda info: errs.append(float((info["last_slot"] - x0_seq).abs().max())))
+        return errs
+
+    assert errors(5)[0] < 1e-9
+    assert errors(0)[0] > 1e-3
+
+
 def test_options_are_validated():
     coeffs, x_T, z, op, y = problem(4, "sr_bicubic", etw=1.0, nw=1.0, per_step=True)
     kw = dict(operator=op, y=y, z=z, solver="quasi_newton", max_iter=4, form="step")
     with pytest.raises(ValueError, match="noise"):
         paper_deq(MODEL, coeffs, x_T, stop_mode="rel", **kw)
-    for bad in ({"window": 0}, {"history_size": -1}, {"output_tol": -1.0}, {"prior_slope": 0.0}):
+    for bad in ({"window": 0}, {"history_size": -1}, {"output_tol": -1.0}, {"prior_slope": 0.0},
+                {"calibration_levels": -1}, {"calibration_levels": 1.5}):
         with pytest.raises(ValueError):
             paper_deq(MODEL, coeffs, x_T, stop_mode="noise", options=bad, **kw)
     fmap = ChainMap(MODEL, coeffs, x_T, operator=op, y=y, z=z, form="cumsum")

@@ -42,6 +42,7 @@ from torch import Tensor
 from deqir.chains import ChainStep, DDNMStep, eps_and_vjp, slot_vjp
 from deqir.diffusion.chain import ChainCoefficients
 from deqir.diffusion.protocols import EpsModel, LinearOperator
+from deqir.deq.linearize import RadialGain, measure_radial_gain
 
 EpsEvaluator = Callable[[Tensor, Tensor], Tensor]
 FORMS = ("cumsum", "step")
@@ -214,6 +215,44 @@ class ChainMap:
         E = self.eps_evaluator(Z.reshape(B * J, *Z.shape[2:]), t)
         E = E.reshape(B, J, *E.shape[1:]).to(X.dtype)
         return E if self.form == "cumsum" else self._steps(Z, E, lo, hi)
+
+    def eval_eps_calibrated(self, X: Tensor, lo: int, hi: int, levels: int, h: float = 1e-2,
+                            nbins: int | None = None) -> tuple[Tensor, RadialGain]:
+        """``eval_eps(X, lo, hi)`` plus the ε-model's measured linearisation, in the same model call.
+
+        At ``levels`` slots spread evenly over the window, the slot's input x is probed with one fixed white v
+        (the same for every image; seed 0): with the window's own eps(x), the forward difference
+        eps(x + h v) - eps(x) gives u = (d x0_hat / d x) v, and
+        :func:`~deqir.deq.linearize.measure_radial_gain` turns (v, u) into each image's Fourier gain between
+        colour channels (docs/solvers.md). Costs B ``levels`` extra image evaluations, batched with the window.
+        ``nbins`` rings (None: min(H, W) // 5, between 4 and 24, so every ring averages enough frequencies).
+        Returns ``(new states of slots lo..hi-1, RadialGain)``; step form of a linearizable (DDNM) chain only.
+        """
+        if not self.linearizable:
+            raise ValueError("a measured linearisation needs the DDNM chain in the step form")
+        if not 0 <= lo < hi <= self.num_slots:
+            raise ValueError(f"slot range [{lo}, {hi}) outside [0, {self.num_slots})")
+        if not 1 <= levels <= hi - lo:
+            raise ValueError(f"calibration levels must be in [1, {hi - lo}] (the window), got {levels}")
+        js = torch.linspace(lo, hi - 1, levels).round().long().unique().tolist()
+        Z = self.slot_inputs(X, lo, hi)
+        B, J = Z.shape[:2]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn((len(js), *X.shape[2:]), generator=g, dtype=torch.float64).to(device=X.device, dtype=X.dtype)
+        rel = [j - lo for j in js]
+        probes = Z[:, rel] + h * v  # (B, L, C, H, W)
+        inputs = torch.cat([Z.reshape(B * J, *Z.shape[2:]), probes.reshape(-1, *X.shape[2:])])
+        t = torch.cat([self.t_all[lo:hi].repeat(B), self.t_all[js].repeat(B)])
+        E = self.eps_evaluator(inputs, t).to(X.dtype)
+        E_win = E[: B * J].reshape(B, J, *E.shape[1:])
+        E_p = E[B * J :].reshape(B, len(js), *E.shape[1:])
+        a = self.coeffs.a[js].to(device=X.device, dtype=torch.float64).view(1, -1, 1, 1, 1)
+        d_eps = (E_p - E_win[:, rel]).double()
+        u = (h * v.double()[None] - torch.sqrt(1 - a) * d_eps) / (torch.sqrt(a) * h)
+        if nbins is None:
+            nbins = min(24, max(4, min(X.shape[-2:]) // 5))
+        gain = measure_radial_gain(self.coeffs.a[js].double(), v.double(), u, nbins)
+        return self._steps(Z, E_win, lo, hi), gain
 
     def eval_slot(self, x_in: Tensor, j: int) -> Tensor:
         """``step`` form: Phi_j(x_in), the output of slot j for the (B, C, H, W) input ``x_in`` (x_T for slot 0,

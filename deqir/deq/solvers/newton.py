@@ -14,6 +14,10 @@ fix it on the directions the iteration actually moves (least-change update, Broy
 
     M_j v = M0_j v + (Y - M0_j S) (S^T S + reg)^{-1} S^T v
 
+M0 uses the Gaussian prior's gain until the first round has measured the model's own (``calibration_levels``,
+:meth:`~deqir.deq.joint_map.ChainMap.eval_eps_calibrated`: central differences at a few slots, batched into the
+first model call, turned into each image's ring-averaged Fourier gain); from then on every sweep uses that.
+
 Slots beyond the window are not evaluated; step 2 still moves them by the linear propagation of the upstream
 correction (R_j = 0 there), a free fill-ahead in the spirit of ParaSolver's DDIM-jump initialisation.
 
@@ -60,6 +64,7 @@ def quasi_newton(
     output_tol: float = 0.5,
     prior_slope: float = 3.0,
     prior_variance: float = 0.5,
+    calibration_levels: int = 7,
     callback: Callback | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Solve the triangular fixed point z = f(z) by quasi-Newton sweeps, without autograd.
@@ -78,6 +83,10 @@ def quasi_newton(
         history_size: secant pairs kept per slot (0: the Gaussian-prior linearisation alone).
         output_tol: stop when the output slot's residual and change are below this many 8-bit levels.
         prior_slope, prior_variance: the Gaussian image prior of the linearisation (deqir.deq.linearize).
+        calibration_levels: measure the linearisation on the model instead (0: the Gaussian prior alone): the
+            first round, when it covers the whole chain, also probes this many levels
+            (:meth:`~deqir.deq.joint_map.ChainMap.eval_eps_calibrated`, B levels extra evaluations in the
+            same model call) and every later sweep uses each image's measured gain.
         callback: once per round with {"round", "abs_residual" (B,), "rel_residual" (B,), "nfe", "active",
             "window" (lo, hi), "prefix" (B,), "last_slot" (B, C, H, W)}.
 
@@ -106,7 +115,11 @@ def quasi_newton(
         raise ValueError(f"history_size must be an integer >= 0, got {history_size!r}")
     if not (output_tol >= 0 and math.isfinite(output_tol)):
         raise ValueError(f"output_tol must be a finite number >= 0 (8-bit levels), got {output_tol!r}")
+    if isinstance(calibration_levels, bool) or not isinstance(calibration_levels, int) or calibration_levels < 0:
+        raise ValueError(f"calibration_levels must be an integer >= 0 (0 = the Gaussian prior), got {calibration_levels!r}")
     prior = SpectralGaussianPrior(prior_slope, prior_variance)
+    calibrate = (calibration_levels > 0 and window >= S and getattr(f, "linearizable", False)
+                 and hasattr(f, "eval_eps_calibrated"))
 
     with torch.no_grad():
         dev = z0.device
@@ -131,7 +144,12 @@ def quasi_newton(
             hi = min(S, lo + window)
             # 1. the expensive part: new states of the window slots (inputs are slots lo-1 .. hi-2)
             inputs = z[:, max(lo - 1, 0) : hi - 1]
-            new = f.eval_eps(z, lo, hi)
+            if calibrate and rounds == 0:  # the model's own linearisation, measured in the first call
+                levels = min(calibration_levels, hi - lo)
+                new, prior = f.eval_eps_calibrated(z, lo, hi, levels)
+                nfe += B * len(prior.levels)
+            else:
+                new = f.eval_eps(z, lo, hi)
             if not isinstance(new, Tensor) or new.shape != z[:, lo:hi].shape:
                 got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
                 raise ValueError(f"eval_eps(z, {lo}, {hi}) must return {tuple(z[:, lo:hi].shape)}, got {got}")
