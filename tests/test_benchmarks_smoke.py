@@ -42,7 +42,8 @@ def test_deq_vs_sequential_benchmark_windows(tmp_path):
     assert rows["picard"]["psnr_seq"] > 60 and rows["picard"]["work"] == pytest.approx(rows["picard"]["rounds"])
     assert rows["sliding_window(w=2)"]["work"] < rows["picard"]["work"]
     qn = rows["quasi_newton(w=4)"]
-    assert qn["rounds"] <= 4 and qn["work"] <= qn["rounds"] and "rounds_8bit" in qn and len(qn["curve"]) >= 1
+    # work: at most one evaluation per slot and round, plus the first round's probe (T // 3 = 1 level at T = 4)
+    assert qn["rounds"] <= 4 and qn["work"] <= qn["rounds"] + 1 / 4 and "rounds_8bit" in qn and len(qn["curve"]) >= 1
     assert data["pareto"]  # the rounds-vs-work front is written
 
 

@@ -84,7 +84,7 @@ def quasi_newton(
         output_tol: stop when the output slot's residual and change are below this many 8-bit levels.
         prior_slope, prior_variance: the Gaussian image prior of the linearisation (deqir.deq.linearize).
         calibration_levels: measure the linearisation on the model instead (0: the Gaussian prior alone): the
-            first round, when it covers the whole chain, also probes this many levels
+            first round, when it covers the whole chain, also probes this many levels (at most T // 3)
             (:meth:`~deqir.deq.joint_map.ChainMap.eval_eps_calibrated`, B levels extra evaluations in the
             same model call) and every later sweep uses each image's measured gain.
         callback: once per round with {"round", "abs_residual" (B,), "rel_residual" (B,), "nfe", "active",
@@ -145,7 +145,7 @@ def quasi_newton(
             # 1. the expensive part: new states of the window slots (inputs are slots lo-1 .. hi-2)
             inputs = z[:, max(lo - 1, 0) : hi - 1]
             if calibrate and rounds == 0:  # the model's own linearisation, measured in the first call
-                levels = min(calibration_levels, hi - lo)
+                levels = min(calibration_levels, max(1, (hi - lo) // 3))  # probes: at most a third of the round
                 new, prior = f.eval_eps_calibrated(z, lo, hi, levels)
                 nfe += B * len(prior.levels)
             else:
