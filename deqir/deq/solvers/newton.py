@@ -15,7 +15,7 @@ fix it on the directions the iteration actually moves (least-change update, Broy
     M_j v = M0_j v + (Y - M0_j S) (S^T S + reg)^{-1} S^T v
 
 M0 uses the Gaussian prior's gain until the first round has measured the model's own (``calibration_levels``,
-:meth:`~deqir.deq.joint_map.ChainMap.eval_eps_calibrated`: central differences at a few slots, batched into the
+:meth:`~deqir.deq.joint_map.ChainMap.eval_eps_calibrated`: forward differences at a few slots, batched into the
 first model call, turned into each image's ring-averaged Fourier gain); from then on every sweep uses that.
 
 Slots beyond the window are not evaluated; step 2 still moves them by the linear propagation of the upstream
