@@ -209,12 +209,22 @@ class ChainMap:
         hi = self.num_slots if hi is None else hi
         if not 0 <= lo < hi <= self.num_slots:
             raise ValueError(f"slot range [{lo}, {hi}) outside [0, {self.num_slots})")
+        Z, E, _ = self._eval_window(X, lo, hi)
+        return E if self.form == "cumsum" else self._steps(Z, E, lo, hi)
+
+    def _eval_window(self, X: Tensor, lo: int, hi: int, extra_x: Tensor | None = None,
+                     extra_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The UNet inputs Z (B, J, ...) of slots lo..hi-1 and their eps E, plus the eps of ``extra_x`` (N, ...)
+        at timesteps ``extra_t`` (N,), all in one evaluator call."""
         Z = self.slot_inputs(X, lo, hi)
         B, J = Z.shape[:2]
+        x = Z.reshape(B * J, *Z.shape[2:])
         t = self.t_all[lo:hi].repeat(B)  # image-major: (b, j) -> b * J + j
-        E = self.eps_evaluator(Z.reshape(B * J, *Z.shape[2:]), t)
-        E = E.reshape(B, J, *E.shape[1:]).to(X.dtype)
-        return E if self.form == "cumsum" else self._steps(Z, E, lo, hi)
+        if extra_x is not None:
+            x, t = torch.cat([x, extra_x]), torch.cat([t, extra_t])
+        E = self.eps_evaluator(x, t).to(X.dtype)
+        E_extra = E[B * J :] if extra_x is not None else None
+        return Z, E[: B * J].reshape(B, J, *E.shape[1:]), E_extra
 
     def eval_eps_calibrated(self, X: Tensor, lo: int, hi: int, levels: int, h: float = 1e-2,
                             nbins: int | None = None) -> tuple[Tensor, RadialGain]:
@@ -235,17 +245,13 @@ class ChainMap:
         if not 1 <= levels <= hi - lo:
             raise ValueError(f"calibration levels must be in [1, {hi - lo}] (the window), got {levels}")
         js = torch.linspace(lo, hi - 1, levels).round().long().unique().tolist()
-        Z = self.slot_inputs(X, lo, hi)
-        B, J = Z.shape[:2]
+        B = X.shape[0]
         g = torch.Generator(device="cpu").manual_seed(0)
         v = torch.randn((len(js), *X.shape[2:]), generator=g, dtype=torch.float64).to(device=X.device, dtype=X.dtype)
         rel = [j - lo for j in js]
-        probes = Z[:, rel] + h * v  # (B, L, C, H, W)
-        inputs = torch.cat([Z.reshape(B * J, *Z.shape[2:]), probes.reshape(-1, *X.shape[2:])])
-        t = torch.cat([self.t_all[lo:hi].repeat(B), self.t_all[js].repeat(B)])
-        E = self.eps_evaluator(inputs, t).to(X.dtype)
-        E_win = E[: B * J].reshape(B, J, *E.shape[1:])
-        E_p = E[B * J :].reshape(B, len(js), *E.shape[1:])
+        probes = self.slot_inputs(X, lo, hi)[:, rel] + h * v  # (B, L, C, H, W)
+        Z, E_win, E_p = self._eval_window(X, lo, hi, probes.reshape(-1, *X.shape[2:]), self.t_all[js].repeat(B))
+        E_p = E_p.reshape(B, len(js), *E_p.shape[1:])
         a = self.coeffs.a[js].to(device=X.device, dtype=torch.float64).view(1, -1, 1, 1, 1)
         d_eps = (E_p - E_win[:, rel]).double()
         u = (h * v.double()[None] - torch.sqrt(1 - a) * d_eps) / (torch.sqrt(a) * h)

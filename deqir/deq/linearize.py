@@ -18,10 +18,10 @@ images: a power law; ``slope`` ~ 3 for the small photos the embedded model knows
 per-pixel variance is ``variance``. K_a is one FFT multiplier per timestep: no model call.
 
 The Gaussian prior is an assumption; :class:`RadialGain` is the same kind of linear model *measured* on the
-ε-model itself. Around the chain's own states x at a few levels, one white probe v per level and a central
-difference give u = (d x0_hat / d x) v; the cross-spectrum Re(conj(V) U) / |V|^2, averaged over channels and
-over rings of equal |f|, is the model's Fourier gain K_a(|f|) for that image (a stationary approximation of a
-spatially varying Jacobian). Between measured levels it is interpolated linearly in log-SNR, log(a / (1 - a)).
+ε-model itself. Around the chain's own states x at a few levels, one white probe v per level and a forward
+difference give u = (d x0_hat / d x) v; a least-squares fit of U = K V on every ring of equal |f|, channel to
+channel (K is C x C per ring), is the model's Fourier gain K_a(|f|) for that image (a stationary approximation
+of a spatially varying Jacobian). Between measured levels it is interpolated linearly in log-SNR, log(a / (1 - a)).
 """
 from __future__ import annotations
 
@@ -87,10 +87,13 @@ class RadialGain:
         self.K = K[:, order]
         self.nbins = K.shape[-1]
         self.ring = radial_bins(H, W, self.nbins, K.device)
-        self._cache: dict[float, Tensor] = {}
+        self._cache: dict[float, Tensor] = {}  # per level: the ring gains (B, C, C, nbins), small
 
     def multiplier(self, a: float) -> Tensor:
         """(B, C, C, H, W) Fourier multiplier at level ``a`` (output channel, input channel)."""
+        return self._ring_gains(a)[..., self.ring]
+
+    def _ring_gains(self, a: float) -> Tensor:
         if a not in self._cache:
             snr = torch.log(self.levels / (1 - self.levels).clamp_min(1e-300))
             x = math.log(a / max(1.0 - a, 1e-300))
@@ -102,13 +105,13 @@ class RadialGain:
                 i = int((snr <= x).nonzero().max())
                 w = (x - float(snr[i])) / float(snr[i + 1] - snr[i])
                 k = (1 - w) * self.K[:, i] + w * self.K[:, i + 1]
-            self._cache[a] = k[..., self.ring]
+            self._cache[a] = k
         return self._cache[a]
 
     def gain(self, v: Tensor, a: float) -> Tensor:
         """K_a v for v (B, C, H, W), each image with its own measured gain."""
         V = torch.fft.fft2(v, norm="ortho")
-        K = self.multiplier(a).to(V.dtype)
+        K = self._ring_gains(a).to(V.dtype)[..., self.ring]
         return torch.fft.ifft2(torch.einsum("bdchw,bchw->bdhw", K, V), norm="ortho").real.to(v.dtype)
 
 
@@ -139,12 +142,13 @@ def measure_radial_gain(levels: Tensor, v: Tensor, u: Tensor, nbins: int = 24) -
         raise ValueError(f"probes {tuple(v.shape)} and levels {tuple(levels.shape)} do not match responses "
                          f"{tuple(u.shape)}")
     ring = radial_bins(H, W, nbins, u.device).flatten()
-    V = torch.fft.fft2(v.double(), norm="ortho").flatten(2)  # (L, C, HW)
-    U = torch.fft.fft2(u.double(), norm="ortho").flatten(3)  # (B, L, C, HW)
-    VV = (V[:, :, None] * V.conj()[:, None]).real  # (L, C, C, HW)
-    UV = (U[:, :, :, None] * V.conj()[None, :, None]).real  # (B, L, C_out, C_in, HW)
-    G = torch.zeros(L, C, C, nbins, dtype=torch.float64, device=u.device).index_add_(3, ring, VV)
-    Q = torch.zeros(B, L, C, C, nbins, dtype=torch.float64, device=u.device).index_add_(4, ring, UV)
+    G = torch.zeros(L, C, C, nbins, dtype=torch.float64, device=u.device)
+    Q = torch.zeros(B, L, C, C, nbins, dtype=torch.float64, device=u.device)
+    for l in range(L):  # one level at a time: the cross-products are (B, C, C, H*W) each
+        V = torch.fft.fft2(v[l].double(), norm="ortho").flatten(1)  # (C, HW)
+        U = torch.fft.fft2(u[:, l].double(), norm="ortho").flatten(2)  # (B, C, HW)
+        G[l].index_add_(2, ring, (V[:, None] * V.conj()[None]).real)
+        Q[:, l].index_add_(3, ring, (U[:, :, None] * V.conj()[None, None]).real)
     G, Q = G.permute(0, 3, 1, 2), Q.permute(0, 1, 4, 2, 3)  # (L, R, C, C), (B, L, R, C, C)
     g_diag = G.diagonal(dim1=-2, dim2=-1)  # (L, R, C)
     k_diag = torch.where(g_diag > 0, Q.diagonal(dim1=-2, dim2=-1) / g_diag.clamp_min(1e-300), torch.zeros_like(g_diag))
