@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,18 @@ def check_storage(storage: Any) -> None:
     import optuna
 
     try:
-        optuna.storages.get_storage(str(storage))
+        for attempt in range(5):
+            try:
+                optuna.storages.get_storage(str(storage))
+                break
+            except Exception as err:  # noqa: PERF203
+                # two jobs that open a new database at once both create its schema: the loser's CREATE TABLE or
+                # version insert fails (IntegrityError, or OperationalError "already exists") while the
+                # winner's schema is complete, so opening it again succeeds
+                racing = type(err).__name__ == "IntegrityError" or "already exists" in str(err)
+                if not racing or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except Exception as err:  # any failure to open it (bad URL, missing driver, unreachable server, no such dir)
         text = " ".join(str(err).split())[:300] or type(err).__name__
         raise ValueError(f"hydra.sweeper.storage={storage} cannot be opened ({type(err).__name__}: {text}); use "
