@@ -246,3 +246,30 @@ def test_deterministic_chains_use_the_deterministic_tolerance():
     assert make_step("diffpir", coeffs, operator=op, y=y, z=z, zeta=0.0).fresh_noise is False
     with pytest.raises(ValueError, match="deterministic_tol"):
         quasi_newton(fmap, z0, deterministic_tol=-1.0)
+
+
+def test_deterministic_chains_freeze_only_what_stays_invisible_at_the_output():
+    """carried_tol: on a chain without fresh noise a slot joins the converged prefix only when its change, carried
+    to x0 by the sweep's linear model, is below carried_tol 8-bit levels RMS. With a loose slot tolerance the
+    noise rule alone freezes slots whose errors reach x0; the carried test keeps them in the solve. A chain with
+    fresh noise is untouched (its noise washes accepted errors out)."""
+    from deqir.deq.solvers.newton import LEVEL
+
+    T = 10
+    errors = {}
+    for nw in (0.0, 1.0):
+        coeffs, x_T, z, op, y = problem(T, None, etw=1.0, nw=nw, per_step=True)
+        fmap = ChainMap(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, form="step")
+        x0_seq, _ = sample_sequential(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z)
+        z0 = fmap.surrogate_state(SpectralGaussianPrior())
+        for carried in (math.inf, 0.05):
+            x, st = quasi_newton(fmap, z0, tol=0.3, deterministic_tol=0.3, carried_tol=carried)
+            assert st.status == "converged"
+            rms = float(((x[:, -1] - x0_seq) ** 2).mean().sqrt())
+            errors[nw, carried] = (rms / LEVEL, st.rounds, x)
+    off, on = errors[0.0, math.inf], errors[0.0, 0.05]
+    assert off[0] > 0.8 and on[0] < 0.4 * off[0] and on[1] >= off[1]  # (1.08 and 0.22 levels here)
+    assert torch.equal(errors[1.0, math.inf][2], errors[1.0, 0.05][2])  # fresh noise: no change
+    for bad in (-1.0, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="carried_tol"):
+            quasi_newton(fmap, z0, carried_tol=bad)

@@ -26,7 +26,8 @@ judged against the noise the chain itself holds at that slot, sigma_j = sqrt(1 -
 ``RMS(D_j) <= max(tol sigma_j, output level)``; a chain without fresh noise (deterministic DDIM, where
 nothing washes an accepted error out) uses ``deterministic_tol`` instead of ``tol``. Slot lo is exact after the round (its input was exact), and
 every following slot whose input barely moved is exact too, so the frontier ``lo`` (the converged prefix)
-advances by at least one slot per round and frozen slots are never evaluated again. An image stops when
+advances by at least one slot per round and frozen slots are never evaluated again. On a chain without fresh
+noise a slot also needs its change, carried to x0 by the sweep's M_k, below ``carried_tol`` 8-bit levels RMS. An image stops when
 the prefix covers the chain, or when the output slot (x0) was evaluated, both its residual and its change are
 below ``output_tol`` 8-bit levels everywhere (max over pixels: a change the saved image cannot show) and no
 slot moved by more than its own tolerance in that round. Work is counted exactly: B x (evaluated slots) per round.
@@ -57,7 +58,7 @@ def quasi_newton(
     *,
     max_iter: int | None = None,
     tol: float = 0.02,
-    deterministic_tol: float = 0.002,
+    deterministic_tol: float = 0.02,
     stop_mode: str = "noise",
     window: int | None = None,
     history_size: int = 2,
@@ -65,6 +66,7 @@ def quasi_newton(
     prior_slope: float = 3.0,
     prior_variance: float = 0.5,
     calibration_levels: int = 7,
+    carried_tol: float = 0.5,
     callback: Callback | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Solve the triangular fixed point z = f(z) by quasi-Newton sweeps, without autograd.
@@ -87,6 +89,9 @@ def quasi_newton(
             first round, when it covers the whole chain, also probes this many levels (at most T // 3)
             (:meth:`~deqir.deq.joint_map.ChainMap.eval_eps_calibrated`, B levels extra evaluations in the
             same model call) and every later sweep uses each image's measured gain.
+        carried_tol: for chains without fresh noise, a slot also freezes only when its change, carried to the
+            output by the sweep's linear model, is below this many 8-bit levels RMS (nothing downstream washes an
+            accepted error out; ``math.inf``: off).
         callback: once per round with {"round", "abs_residual" (B,), "rel_residual" (B,), "nfe", "active",
             "window" (lo, hi), "prefix" (B,), "last_slot" (B, C, H, W)}.
 
@@ -117,6 +122,9 @@ def quasi_newton(
         raise ValueError(f"output_tol must be a finite number >= 0 (8-bit levels), got {output_tol!r}")
     if isinstance(calibration_levels, bool) or not isinstance(calibration_levels, int) or calibration_levels < 0:
         raise ValueError(f"calibration_levels must be an integer >= 0 (0 = the Gaussian prior), got {calibration_levels!r}")
+    if isinstance(carried_tol, bool) or not isinstance(carried_tol, (int, float)) or not carried_tol >= 0:
+        raise ValueError(f"carried_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {carried_tol!r}")
+    carry = not getattr(f, "fresh_noise", False) and math.isfinite(carried_tol)
     prior = SpectralGaussianPrior(prior_slope, prior_variance)
     calibrate = (calibration_levels > 0 and window >= S and getattr(f, "linearizable", False)
                  and hasattr(f, "eval_eps_calibrated"))
@@ -165,6 +173,8 @@ def quasi_newton(
             # 3. frontier: slot lo, then every next slot whose input moved less than its tolerance
             rms = torch.linalg.vector_norm(D.flatten(2), dim=-1, dtype=torch.float64) / math.sqrt(numel)
             small = (rms[:, : hi - lo - 1] <= slot_tol[lo : hi - 1])
+            if carry:  # deterministic chain: what a frozen slot got wrong reaches x0 unchanged in kind
+                small = _carried_small(f, prior, secants, D, small, lo, S, carried_tol * LEVEL)
             run = torch.cumprod(small.long(), dim=1).sum(dim=1)
             prefix = torch.where(write, torch.maximum(prefix, lo + 1 + run), prefix)
             done = write & (prefix >= S)
@@ -209,6 +219,27 @@ def quasi_newton(
             window_trace=torch.tensor(windows, dtype=torch.long, device=dev).view(rounds, 2),
         )
         return z, stats
+
+
+def _carried_small(f, prior, secants: "_Secants", D: Tensor, small: Tensor, lo: int, S: int, limit: float) -> Tensor:
+    """The frontier test for a deterministic chain: slot lo + i may join the converged prefix only if, besides its
+    own tolerance (``small`` (B, n)), its change D_{lo+i} carried to the output slot by the sweep's M_k
+    (k = lo+i+1 .. S-1) has RMS <= ``limit``. Checked in order and only while an image's run of small slots lasts,
+    so a round carries a few slots (each S - lo - i - 1 linear steps, no model call). Returns the refined test."""
+    small = small.clone()
+    run = torch.ones(small.shape[0], dtype=torch.bool, device=small.device)
+    numel = D[0, 0].numel()
+    for i in range(small.shape[1]):
+        run = run & small[:, i]
+        if not bool(run.any()):
+            break
+        v = D[:, i]
+        for k in range(lo + i + 1, S):
+            v = f.linear_step(v, k, prior) + secants.correct(k, v)
+        carried = torch.linalg.vector_norm(v.flatten(1), dim=-1, dtype=torch.float64) / math.sqrt(numel)
+        run = run & (carried <= limit)
+        small[:, i] = run
+    return small
 
 
 def _sweep(f, prior, secants: "_Secants", R: Tensor, lo: int, S: int) -> Tensor:
