@@ -205,7 +205,8 @@ def report(args) -> dict:
     """Tables from the cache: per task, every row with its means and paired differences (95 % CI) to the task's
     current default (and to the best peer row)."""
     cache = load_cache(*map(Path, args.cache))
-    names = load_images(Path(args.images), args.limit)[0]
+    names, imgs = load_images(Path(args.images), args.limit)
+    size = imgs.shape[-1]
     tasks = [t for t in args.tasks if any(k[0] == t for k in cache)]
     out: dict = {}
     for task in tasks:
@@ -229,8 +230,8 @@ def report(args) -> dict:
                     d = paired(a, b)
                     r[f"d_{k}_{tag}"], r[f"ci_{k}_{tag}"] = d["mean"], (d["lo"], d["hi"])
             rows.append(r)
-        out[task] = {"rows": rows, "best_peer": best_peer, "decision": decide(rows)}
-        print(f"\n### {task} ({len(names)} photos, 128 px; Δ = paired difference, [95 % CI])")
+        out[task] = {"rows": rows, "best_peer": best_peer, "decision": decide(rows), "size": size}
+        print(f"\n### {task} ({len(names)} photos, {size} px; Δ = paired difference, [95 % CI])")
         cols = [("config", "config", ""), ("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"),
                 ("consistency", "‖Ax−y‖", ".3f"), ("work", "NFE", ".0f"),
                 ("d_psnr_default_s", "ΔPSNR vs default", ""), ("d_lpips_default_s", "ΔLPIPS vs default", ""),
@@ -329,7 +330,7 @@ def plot(out: dict, folder: Path) -> None:
             ax.set_ylabel(k)
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=6, loc="best")
-        fig.suptitle(f"{task}: {res['rows'][0]['n']} photos, 128 px (CPU)", fontsize=9)
+        fig.suptitle(f"{task}: {res['rows'][0]['n']} photos, {res.get('size', 128)} px (CPU)", fontsize=9)
         fig.tight_layout()
         fig.savefig(folder / f"defaults_{task}.png", dpi=110)
         plt.close(fig)
