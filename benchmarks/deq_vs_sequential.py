@@ -154,7 +154,7 @@ def run(args) -> dict:
 
                 # (quasi_newton keeps its slot tolerances, which move its window, and only drops the output stop)
                 sample_deq(model, coeffs, x_T, max_iter=min(args.round_cap, max_iter), callback=record,
-                           **({**kw, "tol": tol, "options": {**opts, "output_tol": 0.0}} if solver == QN
+                           **({**kw, "tol": tol, "options": {**opts, "output_tol": 0.0, "error_tol": 0.0}} if solver == QN
                               else {**kw, "tol": 0.0}))
                 r45 = next((i + 1 for i, p in enumerate(curve) if p >= 45.0), None)
                 r8 = next((i + 1 for i, lv in enumerate(levels) if lv <= 1), None)

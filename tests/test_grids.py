@@ -88,7 +88,7 @@ def test_deq_equals_sequential_on_every_grid(name, skip_type, t_start):
                     step_fn=fn)
     assert (pic.x0 - x0).abs().max() < 1e-10
     qn = sample_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", max_iter=6, tol=0.0,
-                    stop_mode="noise", options={"output_tol": 0.0}, init="surrogate", form="step", step_fn=fn)
+                    stop_mode="noise", options={"output_tol": 0.0, "error_tol": 0.0}, init="surrogate", form="step", step_fn=fn)
     assert (qn.x0 - x0).abs().max() < 1e-8
 
 
@@ -107,7 +107,7 @@ def test_app_truncated_start_runs_and_is_refused_for_generation(tmp_path):
 
     over = [*TINY, "dataset.limit=1", "sampler.skip_type=karras", "sampler.t_start=400"]
     run_inprocess([*over, "sampler=sequential"], tmp_path / "seq")
-    run_inprocess([*over, "solver=quasi_newton", "solver.tol=0", "solver.output_tol=0"], tmp_path / "qn")
+    run_inprocess([*over, "solver=quasi_newton", "solver.tol=0", "solver.output_tol=0", "solver.error_tol=0"], tmp_path / "qn")
     for png in (tmp_path / "seq" / "images").glob("*.png"):
         diff = pixels(png).astype(int) - pixels(tmp_path / "qn" / "images" / png.name).astype(int)
         assert abs(diff).max() <= 1
@@ -151,7 +151,7 @@ def test_clipped_deterministic_presets_solve_under_quasi_newton(task, tmp_path):
 
     over = [*TINY, f"task={task}", "dataset.limit=1"]
     run_inprocess([*over, "sampler=sequential"], tmp_path / "seq")
-    run_inprocess([*over, "solver=quasi_newton", "solver.tol=0", "solver.output_tol=0"], tmp_path / "qn")
+    run_inprocess([*over, "solver=quasi_newton", "solver.tol=0", "solver.output_tol=0", "solver.error_tol=0"], tmp_path / "qn")
     for png in (tmp_path / "seq" / "images").glob("*.png"):
         diff = pixels(png).astype(int) - pixels(tmp_path / "qn" / "images" / png.name).astype(int)
         assert abs(diff).max() <= 1

@@ -35,7 +35,7 @@ def test_exact_tolerance_gives_the_sequential_chain(task, window, history):
     is the sequential chain (float64), for every window and secant history."""
     T = 12
     res, _, traj = _solve(MODEL, T, task, sigma_y=0.1 if task == "denoise" else 0.0, window=window,
-                               history_size=history, output_tol=0.0, tol=0.0)
+                               history_size=history, output_tol=0.0, error_tol=0.0, tol=0.0)
     assert res.stats.status == "converged"
     assert (res.states - traj).abs().max() < 1e-9
     assert res.stats.rounds <= T
@@ -51,7 +51,7 @@ def test_exact_tolerance_gives_the_sequential_chain(task, window, history):
 
 def test_window_one_is_the_sequential_schedule():
     T = 10
-    res, x0_seq, _ = _solve(MODEL, T, "sr_bicubic", window=1, output_tol=0.0, tol=0.0)
+    res, x0_seq, _ = _solve(MODEL, T, "sr_bicubic", window=1, output_tol=0.0, error_tol=0.0, tol=0.0)
     assert res.stats.rounds == T and res.nfe == T * x0_seq.shape[0]
     assert rel(res.x0, x0_seq) < 1e-12
 
@@ -74,7 +74,7 @@ def test_fewer_rounds_than_picard_on_a_score_like_model(task):
                    callback=lambda info: errs.append(float((info["last_slot"] - x0_seq).abs().max())))
         return next(i + 1 for i, e in enumerate(errs) if e < 1e-4)
 
-    qn = rounds_to("quasi_newton", "surrogate", output_tol=0.0, **prior)
+    qn = rounds_to("quasi_newton", "surrogate", output_tol=0.0, error_tol=0.0, **prior)
     pic = rounds_to("picard", "x_T")
     assert qn < pic
     res = paper_deq(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", max_iter=T, tol=0.05,
@@ -165,7 +165,7 @@ def test_measured_linearisation_makes_newton_exact_on_an_affine_model():
         errs = []
         paper_deq(model, coeffs, x_T, operator=op, y=y, z=z, solver="quasi_newton", max_iter=T, tol=0.0,
                   stop_mode="noise", form="step", init="surrogate",
-                  options={"output_tol": 0.0, "calibration_levels": levels, "history_size": 0},
+                  options={"output_tol": 0.0, "error_tol": 0.0, "calibration_levels": levels, "history_size": 0},
                   callback=lambda info: errs.append(float((info["last_slot"] - x0_seq).abs().max())))
         return errs
 
@@ -179,7 +179,8 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="noise"):
         paper_deq(MODEL, coeffs, x_T, stop_mode="rel", **kw)
     for bad in ({"window": 0}, {"history_size": -1}, {"output_tol": -1.0}, {"prior_slope": 0.0},
-                {"calibration_levels": -1}, {"calibration_levels": 1.5}):
+                {"calibration_levels": -1}, {"calibration_levels": 1.5}, {"error_tol": -1.0},
+                {"error_tol": float("nan")}, {"error_tol": True}, {"error_tol": "1"}):
         with pytest.raises(ValueError):
             paper_deq(MODEL, coeffs, x_T, stop_mode="noise", options=bad, **kw)
     fmap = ChainMap(MODEL, coeffs, x_T, operator=op, y=y, z=z, form="cumsum")
@@ -217,7 +218,7 @@ def test_app_solver_auto_reports_its_choice_and_quasi_newton_matches_sequential(
     assert choice["schedule"] in ("all_slots", "window", "sequential") and choice["reason"]
     assert "1" in choice["batch_cost_s"]
     assert "solver=auto ->" in capsys.readouterr().out
-    run_inprocess(TINY + ["solver=quasi_newton", "solver.tol=0", "solver.output_tol=0"], tmp_path / "qn")
+    run_inprocess(TINY + ["solver=quasi_newton", "solver.tol=0", "solver.output_tol=0", "solver.error_tol=0"], tmp_path / "qn")
     run_inprocess(TINY + ["sampler=sequential"], tmp_path / "seq")
     for png in sorted((tmp_path / "seq" / "images").glob("*.png")):
         diff = pixels(png).astype(int) - pixels(tmp_path / "qn" / "images" / png.name).astype(int)
@@ -273,3 +274,31 @@ def test_deterministic_chains_freeze_only_what_stays_invisible_at_the_output():
     for bad in (-1.0, float("nan"), "0.5", True):
         with pytest.raises(ValueError, match="carried_tol"):
             quasi_newton(fmap, z0, carried_tol=bad)
+
+
+@pytest.mark.parametrize("task", ["sr_bicubic", "inpaint", None])
+def test_error_estimate_stops_at_its_tolerance(task):
+    """error_tol: with every other stop off (tol = output_tol = 0: no slot freezes, the frontier covers the chain only
+    after T rounds), the solve stops once x0's estimated remaining error, d_k q / (1 - q), is below error_tol 8-bit
+    levels RMS. It then stops long before T, its true error to the sequential chain is below error_tol, and a
+    tighter error_tol never stops sooner; error_tol = inf runs the T rounds."""
+    from deqir.deq.solvers.newton import LEVEL
+
+    T = 10
+    coeffs, x_T, z, op, y = problem(T, task, etw=1.0, nw=1.0, per_step=True)
+    fmap = ChainMap(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z, form="step")
+    x0_seq, _ = sample_sequential(SCORE_MODEL, coeffs, x_T, operator=op, y=y, z=z)
+    z0 = fmap.surrogate_state(SpectralGaussianPrior(1e-3, 0.25))
+    rounds = []
+    for error_tol in (math.inf, 1.0, 0.3, 0.1):
+        x, st = quasi_newton(fmap, z0, tol=0.0, output_tol=0.0, error_tol=error_tol, prior_slope=1e-3,
+                             prior_variance=0.25)
+        assert st.status == "converged"
+        err = float(((x[:, -1] - x0_seq) ** 2).mean().sqrt()) / LEVEL
+        assert err < min(error_tol, 1e9)
+        rounds.append(st.rounds)
+    assert rounds[0] == T and max(rounds[1:]) <= T // 2
+    assert rounds[1:] == sorted(rounds[1:])
+    for bad in (-1.0, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="error_tol"):
+            quasi_newton(fmap, z0, error_tol=bad)

@@ -30,7 +30,10 @@ advances by at least one slot per round and frozen slots are never evaluated aga
 noise a slot also needs its change, carried to x0 by the sweep's M_k, below ``carried_tol`` 8-bit levels RMS. An image stops when
 the prefix covers the chain, or when the output slot (x0) was evaluated, both its residual and its change are
 below ``output_tol`` 8-bit levels everywhere (max over pixels: a change the saved image cannot show) and no
-slot moved by more than its own tolerance in that round. Work is counted exactly: B x (evaluated slots) per round.
+slot moved by more than its own tolerance in that round, or when x0's estimated remaining error is below ``error_tol``
+8-bit levels RMS: the sweep converges linearly, so with q = d_k / d_{k-1} the ratio of x0's RMS changes in two
+consecutive whole-chain rounds (q < 0.9), what is left is about d_k q / (1 - q) (docs/solvers.md, "The error
+estimate"). Work is counted exactly: B x (evaluated slots) per round.
 
 Example:
     >>> # z, stats = quasi_newton(chain_map, z0, tol=0.02, window=None, history_size=2)  # chain_map: ChainMap
@@ -46,10 +49,12 @@ from deqir.deq.linearize import SpectralGaussianPrior
 from deqir.deq.solvers._common import Callback, check_common, check_state, image_view
 from deqir.deq.solvers.stats import SolverStats, overall_status
 
-__all__ = ["LEVEL", "quasi_newton"]
+__all__ = ["LEVEL", "MAX_RATE", "quasi_newton"]
 
 #: One 8-bit level on the chain's [-1, 1] scale.
 LEVEL = 2.0 / 255.0
+#: The error-estimate stop trusts a contraction rate q = d_k / d_{k-1} only below this.
+MAX_RATE = 0.9
 
 
 def quasi_newton(
@@ -67,6 +72,7 @@ def quasi_newton(
     prior_variance: float = 0.5,
     calibration_levels: int = 7,
     carried_tol: float = 0.5,
+    error_tol: float = 1.0,
     callback: Callback | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Solve the triangular fixed point z = f(z) by quasi-Newton sweeps, without autograd.
@@ -92,6 +98,9 @@ def quasi_newton(
         carried_tol: for chains without fresh noise, a slot also freezes only when its change, carried to the
             output by the sweep's linear model, is below this many 8-bit levels RMS (nothing downstream washes an
             accepted error out; ``math.inf``: off).
+        error_tol: also stop when x0's estimated remaining error, d_k q / (1 - q) with d_k its RMS change in this
+            whole-chain round and q = d_k / d_{k-1} < ``MAX_RATE``, is below this many 8-bit levels RMS (1 level RMS
+            is 48 dB; ``math.inf``: off, 0: never).
         callback: once per round with {"round", "abs_residual" (B,), "rel_residual" (B,), "nfe", "active",
             "window" (lo, hi), "prefix" (B,), "last_slot" (B, C, H, W)}.
 
@@ -124,6 +133,9 @@ def quasi_newton(
         raise ValueError(f"calibration_levels must be an integer >= 0 (0 = the Gaussian prior), got {calibration_levels!r}")
     if isinstance(carried_tol, bool) or not isinstance(carried_tol, (int, float)) or not carried_tol >= 0:
         raise ValueError(f"carried_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {carried_tol!r}")
+    if isinstance(error_tol, bool) or not isinstance(error_tol, (int, float)) or not error_tol >= 0:
+        raise ValueError(f"error_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {error_tol!r}")
+    estimate = math.isfinite(error_tol) and error_tol > 0
     carry = not getattr(f, "fresh_noise", False) and math.isfinite(carried_tol)
     prior = SpectralGaussianPrior(prior_slope, prior_variance)
     calibrate = (calibration_levels > 0 and window >= S and getattr(f, "linearizable", False)
@@ -143,6 +155,7 @@ def quasi_newton(
         image_rounds = torch.zeros(B, dtype=torch.long, device=dev)
         last_res = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
         last_round = torch.full((B,), -1, dtype=torch.long, device=dev)
+        prev_out = torch.full((B,), math.inf, dtype=torch.float64, device=dev)  # x0's RMS change, last whole-chain round
         traces: dict[str, list[Tensor]] = {"abs": [], "rel": [], "abs_slot": [], "rel_slot": []}
         windows: list[tuple[int, int]] = []
         nfe = rounds = 0
@@ -183,6 +196,13 @@ def quasi_newton(
                 d_out = D[:, -1].flatten(1).abs().amax(dim=1).double()
                 calm = (rms <= slot_tol[lo:]).all(dim=1)  # and no slot moved more than its noise tolerance
                 done |= write & calm & (r_out <= out_tol) & (d_out <= out_tol)
+                if estimate:  # linear convergence at rate q leaves about d q / (1 - q) (docs/solvers.md)
+                    q = rms[:, -1] / prev_out
+                    left = torch.where(torch.isfinite(prev_out) & (q < MAX_RATE), rms[:, -1] * q / (1 - q), math.inf)
+                    done |= write & (left <= error_tol * LEVEL)
+                prev_out = torch.where(write, rms[:, -1], prev_out)
+            else:  # x0 moved by the fill-ahead alone: not a rate to trust
+                prev_out = torch.full_like(prev_out, math.inf)
             # bookkeeping
             res_abs = torch.linalg.vector_norm(R.flatten(1), dim=-1, dtype=torch.float64)
             new_n = torch.linalg.vector_norm(new.flatten(1), dim=-1, dtype=torch.float64)
