@@ -45,7 +45,9 @@ def app_config(task: str, overrides: list[str]) -> dict:
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="invert", overrides=[f"task={task}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=False)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain["solver"] = OmegaConf.to_container(cfg.solver, resolve=True)  # its tol may read task.quasi_newton_tol
+    return plain
 
 
 def task_operator(task: str, shape, overrides: list[str] | None = None):

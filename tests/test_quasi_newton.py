@@ -302,3 +302,49 @@ def test_error_estimate_stops_at_its_tolerance(task):
     for bad in (-1.0, float("nan"), "1", True):
         with pytest.raises(ValueError, match="error_tol"):
             quasi_newton(fmap, z0, error_tol=bad)
+
+
+class _ShiftChain:
+    """X_j = X_{j-1} + b_j (X_{-1} = x_T) with a zero linear model, so the sweep is Picard's: every round moves each
+    slot's error one slot down, and x0's error after round k is the start's error at slot S - 1 - k (a convergence
+    history chosen by the start)."""
+
+    fresh_noise = True
+    linearizable = False
+
+    def __init__(self, x_T, b):
+        self.x_T, self.b = x_T, b  # (B, *img), (S, *img)
+        self.num_slots = b.shape[0]
+        self.slot_noise_std = torch.ones(self.num_slots)
+
+    def solution(self):
+        return self.x_T[:, None] + torch.cumsum(self.b, dim=0)[None]
+
+    def eval_eps(self, z, lo, hi):
+        prev = torch.cat([self.x_T[:, None], z[:, :-1]], dim=1)
+        return prev[:, lo:hi] + self.b[None, lo:hi]
+
+    def linear_step(self, v, j, prior):
+        return torch.zeros_like(v)
+
+
+def test_error_estimate_trusts_the_slower_of_the_last_two_rates():
+    """A sudden drop of x0's change (box inpainting, docs/solvers.md "The error estimate") must not stop the solve:
+    x0's error after rounds 1, 2, ... is 64, 32, 4, 2, 1, 0.5 levels, so after round 4 the last rate alone (2 / 28)
+    would estimate 0.15 levels left while 2 are; with the slower of the last two rates the solve stops at round 6,
+    0.5 levels from the solution, below error_tol."""
+    from deqir.deq.solvers.newton import LEVEL
+
+    S = 12
+    g = torch.Generator().manual_seed(0)
+    f = _ShiftChain(torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64),
+                    0.1 * torch.randn(S, 1, 4, 4, generator=g, dtype=torch.float64))
+    errors = [128.0 / 2 ** (S - 1 - j) for j in range(S)]  # start's error per slot, in levels ...
+    for j, e in zip((S - 1, S - 2, S - 3, S - 4, S - 5, S - 6, S - 7), (128, 64, 32, 4, 2, 1, 0.5)):
+        errors[j] = e  # ... so that x0's error after round k is errors[S - 1 - k]
+    z0 = f.solution() + torch.tensor(errors, dtype=torch.float64).view(1, S, 1, 1, 1) * LEVEL
+    x, st = quasi_newton(f, z0, tol=0.0, output_tol=0.0, error_tol=0.9, history_size=0, calibration_levels=0)
+    err = float((x[:, -1] - f.solution()[:, -1]).pow(2).mean().sqrt()) / LEVEL
+    assert st.rounds == 6 and abs(err - 0.5) < 1e-9
+    x, st = quasi_newton(f, z0, tol=0.0, output_tol=0.0, error_tol=math.inf, history_size=0, calibration_levels=0)
+    assert st.rounds == S and float((x - f.solution()).abs().max()) < 1e-12  # off: Picard's S rounds, exact

@@ -32,8 +32,8 @@ the prefix covers the chain, or when the output slot (x0) was evaluated, both it
 below ``output_tol`` 8-bit levels everywhere (max over pixels: a change the saved image cannot show) and no
 slot moved by more than its own tolerance in that round, or when x0's estimated remaining error is below ``error_tol``
 8-bit levels RMS: the sweep converges linearly, so with q = d_k / d_{k-1} the ratio of x0's RMS changes in two
-consecutive whole-chain rounds (q < 0.9), what is left is about d_k q / (1 - q) (docs/solvers.md, "The error
-estimate"). Work is counted exactly: B x (evaluated slots) per round.
+consecutive whole-chain rounds (the slower of the last two such rates, q < 0.9), what is left is about
+d_k q / (1 - q) (docs/solvers.md, "The error estimate"). Work is counted exactly: B x (evaluated slots) per round.
 
 Example:
     >>> # z, stats = quasi_newton(chain_map, z0, tol=0.02, window=None, history_size=2)  # chain_map: ChainMap
@@ -99,8 +99,9 @@ def quasi_newton(
             output by the sweep's linear model, is below this many 8-bit levels RMS (nothing downstream washes an
             accepted error out; ``math.inf``: off).
         error_tol: also stop when x0's estimated remaining error, d_k q / (1 - q) with d_k its RMS change in this
-            whole-chain round and q = d_k / d_{k-1} < ``MAX_RATE``, is below this many 8-bit levels RMS (1 level RMS
-            is 48 dB; ``math.inf``: off, 0: never).
+            whole-chain round and q = max(d_k / d_{k-1}, d_{k-1} / d_{k-2}) < ``MAX_RATE`` (the slower of the last
+            two rates where both exist), is below this many 8-bit levels RMS (1 level RMS is 48 dB; ``math.inf``:
+            off, 0: never).
         callback: once per round with {"round", "abs_residual" (B,), "rel_residual" (B,), "nfe", "active",
             "window" (lo, hi), "prefix" (B,), "last_slot" (B, C, H, W)}.
 
@@ -156,6 +157,7 @@ def quasi_newton(
         last_res = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
         last_round = torch.full((B,), -1, dtype=torch.long, device=dev)
         prev_out = torch.full((B,), math.inf, dtype=torch.float64, device=dev)  # x0's RMS change, last whole-chain round
+        prev_rate = torch.full((B,), math.nan, dtype=torch.float64, device=dev)  # its rate q one round earlier (nan: none)
         traces: dict[str, list[Tensor]] = {"abs": [], "rel": [], "abs_slot": [], "rel_slot": []}
         windows: list[tuple[int, int]] = []
         nfe = rounds = 0
@@ -196,13 +198,16 @@ def quasi_newton(
                 d_out = D[:, -1].flatten(1).abs().amax(dim=1).double()
                 calm = (rms <= slot_tol[lo:]).all(dim=1)  # and no slot moved more than its noise tolerance
                 done |= write & calm & (r_out <= out_tol) & (d_out <= out_tol)
+                rate = torch.where(torch.isfinite(prev_out), rms[:, -1] / prev_out, math.nan)  # nan: no rate yet
                 if estimate:  # linear convergence at rate q leaves about d q / (1 - q) (docs/solvers.md)
-                    q = rms[:, -1] / prev_out
-                    left = torch.where(torch.isfinite(prev_out) & (q < MAX_RATE), rms[:, -1] * q / (1 - q), math.inf)
+                    q = torch.maximum(rate, prev_rate.nan_to_num(0.0))  # the slower of the last two rates (nan: none)
+                    left = torch.where(q < MAX_RATE, rms[:, -1] * q / (1 - q), math.inf)
                     done |= write & (left <= error_tol * LEVEL)
                 prev_out = torch.where(write, rms[:, -1], prev_out)
+                prev_rate = torch.where(write, rate, prev_rate)
             else:  # x0 moved by the fill-ahead alone: not a rate to trust
                 prev_out = torch.full_like(prev_out, math.inf)
+                prev_rate = torch.full_like(prev_rate, math.nan)
             # bookkeeping
             res_abs = torch.linalg.vector_norm(R.flatten(1), dim=-1, dtype=torch.float64)
             new_n = torch.linalg.vector_norm(new.flatten(1), dim=-1, dtype=torch.float64)
