@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
+from benchmarks.rule import current_label, decide, real_vetoes  # noqa: E402
 from benchmarks.stats import paired  # noqa: E402
 
 TASKS = ["deblur", "sr4", "sr_avgpool4", "inpaint_random", "inpaint_box", "inpaint_text", "denoise", "colorize", "cs2"]
@@ -205,6 +206,7 @@ def report(args) -> dict:
     """Tables from the cache: per task, every row with its means and paired differences (95 % CI) to the task's
     current default (and to the best peer row)."""
     cache = load_cache(*map(Path, args.cache))
+    real = [Path(p) for p in (args.real or [])]
     names, imgs = load_images(Path(args.images), args.limit)
     size = imgs.shape[-1]
     tasks = [t for t in args.tasks if any(k[0] == t for k in cache)]
@@ -230,7 +232,9 @@ def report(args) -> dict:
                     d = paired(a, b)
                     r[f"d_{k}_{tag}"], r[f"ci_{k}_{tag}"] = d["mean"], (d["lo"], d["hi"])
             rows.append(r)
-        out[task] = {"rows": rows, "best_peer": best_peer, "decision": decide(rows), "size": size}
+        current = current_label(task, full)
+        out[task] = {"rows": rows, "best_peer": best_peer, "size": size,
+                     "decision": decide(rows, per, current, real_vetoes(task, full, current, real))}
         print(f"\n### {task} ({len(names)} photos, {size} px; Δ = paired difference, [95 % CI])")
         cols = [("config", "config", ""), ("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"),
                 ("consistency", "‖Ax−y‖", ".3f"), ("work", "NFE", ".0f"),
@@ -272,25 +276,6 @@ def report(args) -> dict:
     if args.plot_dir:
         plot({k: v for k, v in out.items() if not k.startswith("_")}, Path(args.plot_dir))
     return out
-
-
-def decide(rows: list[dict]) -> dict:
-    """The rule for changing a default: among the configs at the default's model evaluations per image, one
-    replaces the default only if its PSNR is higher with the paired 95 % interval above 0 and its mean LPIPS is not
-    higher; of those, the highest mean PSNR wins. Configs with more evaluations are reported, never chosen."""
-    default = next((r for r in rows if r["config"] == "default"), None)
-    if default is None:
-        return {"winner": None, "text": "no default row"}
-    ok = [r for r in rows if r["config"] not in ("default", "baseline") and not r["config"].startswith("deepinv")
-          and r["work"] <= default["work"] + 1e-9 and "ci_psnr_default" in r
-          and r["ci_psnr_default"][0] > 0 and r.get("d_lpips_default", 0.0) <= 0]
-    if not ok:
-        return {"winner": "default", "text": "keep the default (no config at equal work passes: PSNR interval > 0, "
-                                            "LPIPS not higher)"}
-    best = max(ok, key=lambda r: r["psnr"])
-    lo, hi = best["ci_psnr_default"]
-    return {"winner": best["config"], "text": f"switch to {best['config']} (PSNR {best['d_psnr_default']:+.2f} dB "
-                                              f"[{lo:+.2f}, {hi:+.2f}], LPIPS {best.get('d_lpips_default', math.nan):+.3f})"}
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -355,6 +340,8 @@ def main(argv=None) -> None:
                     help="result cache(s), JSON lines: the first is written, all are read")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report", action="store_true", help="only print the tables from the cache")
+    ap.add_argument("--real", nargs="*", default=None, metavar="JSON",
+                    help="real_degradations.py results (one per config, per-image): the rule's real-photo floor")
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -131,6 +131,18 @@ def test_real_degradations_benchmark(tmp_path):
     blur = rows["scipy reflect blur"]
     assert blur["psnr_baseline"] is not None and blur["sigma_y"] > 0 and blur["flagged"].endswith("/1")
     assert all(math.isfinite(r["psnr_restored"]) for r in rows.values())
+    assert [p["name"] for p in blur["per_image"]] == ["astronaut"] and math.isfinite(blur["per_image"][0]["psnr_restored"])
+    # a folder of the user's choice (the evaluation set for claims), without the circular baseline
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "photos/a.png")
+    data = run_bench("real_degradations.py", ["--folder", str(tmp_path / "photos"), "--images", "2", "--size", "16",
+                                              "--width", "16", "--no-baseline", "--rows", "scipy reflect blur",
+                                              "--override", *tiny], tmp_path / "r2.json")
+    row = data["rows"][0]
+    assert row["psnr_baseline"] is None and [p["name"] for p in row["per_image"]] == ["a"]
 
 
 @pytest.mark.slow

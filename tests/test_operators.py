@@ -165,6 +165,10 @@ def test_batch_agnostic_and_shapes(case, size):
     one = op.A_pinv(op.A(x[:1]))
     assert torch.allclose(op.A_pinv(ab)[:1], one, atol=1e-9)
     assert op.y_to_image(op.A(x)).shape == x.shape
+    # observed(): a measurement is its own observation, and any picture's observation is one (A A+ on it for masks)
+    assert torch.allclose(op.observed(op.A(x)), op.A(x), atol=1e-9)
+    junk = torch.randn_like(op.A(x))
+    assert torch.allclose(op.observed(op.observed(junk)), op.observed(junk), atol=1e-12)
 
 
 @pytest.mark.parametrize("case,size", [p for p in PARAMS if p[1] == (32, 32)],

@@ -228,6 +228,7 @@ class RestorationModule(pl.LightningModule):
                 target = None
                 y = batch["y"].to(self.device, torch.float32) * 2 - 1
                 op.check_measurement(y)
+                y = op.observed(y)  # inpainting: a hole's contents are not measurements
                 shape = (len(index), *op.image_shape)
         gens = [image_generator(self.seed, i, 0, k) for i in index for k in range(K)]
         shape = (len(gens), *shape[1:])

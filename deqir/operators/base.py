@@ -112,6 +112,12 @@ class Operator(nn.Module):
         """A viewable picture of the measurement, (B, *measurement_shape) -> (B, C, H, W) on [-1, 1]."""
         return self.A_pinv(y)
 
+    def observed(self, y: Tensor) -> Tensor:
+        """A given measurement-space picture (a user's photo) as this operator measures it, (B, *measurement_shape):
+        unchanged, except for operators that observe only part of it (inpainting: zeros where pixels are missing,
+        so a damaged photo's hole contents never count as measured)."""
+        return y
+
     def restored_view(self, x: Tensor) -> Tensor:
         """The part of an image-space tensor (..., H, W) the user sees as the restoration: all of it, except for
         operators whose image extends beyond the measured photo (the valid-boundary blur keeps the photo's grid)."""

@@ -65,6 +65,9 @@ class ComposedOperator(Operator):
             x = op.A(x)
         return x
 
+    def observed(self, y: Tensor) -> Tensor:
+        return self.ops[-1].observed(y)  # the last operator makes the measurement
+
     def A_adjoint(self, y: Tensor) -> Tensor:
         for op in reversed(self.ops):
             y = op.A_adjoint(y)

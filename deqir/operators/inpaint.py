@@ -47,6 +47,10 @@ class Inpainting(SVDOperator):
 
     A_adjoint = A_pinv
 
+    def observed(self, y: Tensor) -> Tensor:
+        self.check_measurement(y)
+        return y * cast(self.mask, y)
+
     def project_range(self, x: Tensor) -> Tensor:
         return x * cast(self.mask, x)
 

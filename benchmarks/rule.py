@@ -1,0 +1,135 @@
+"""The rule that changes a task's default (README "Defaults chosen by measurement"), from benchmark results.
+
+Simulated photos (``benchmarks/defaults.py``'s cache) choose; photos degraded outside deqir
+(``benchmarks/real_degradations.py --json``, per-image results) can veto: a candidate whose paired PSNR on such
+photos is below the current default's (95 % interval below 0) is not chosen.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks.stats import paired
+
+
+def overrides_of(config: str) -> list[str]:
+    from benchmarks.defaults import overrides_of as parse
+
+    return parse(config)
+
+
+def config_key(task: str, overrides: list[str]) -> str:
+    """What ``compose_config(task, overrides)`` makes of the sampler, chain and task: equal keys, equal runs."""
+    from deqir.api import compose_config
+
+    cfg = compose_config(task, overrides)
+    return repr((sorted(cfg.sampler.items()), sorted(cfg.chain.items()), cfg.task))
+
+
+def current_label(task: str, labels: list[str]) -> str | None:
+    """The cached config label that composes to the task's current sampler and chain settings (conf/task/), if any.
+
+    Run before a default changes: afterwards the task's own config is what the old label composes to."""
+    def key(overrides):
+        return config_key(task, overrides)
+
+    now = key([])
+    same = [lab for lab in labels if lab not in ("default", "baseline") and not lab.startswith("deepinv")
+            and key(overrides_of(lab)) == now]
+    # the most explicit label: a shorter one (skip_type=quad) may have been cached before the task set the rest
+    return max(same, key=lambda lab: len(overrides_of(lab)), default=None)
+
+
+def decide(rows: list[dict], per: dict[str, list[dict]] | None = None, current: str | None = None,
+           vetoes: dict[str, str] | None = None) -> dict:
+    """The rule for changing a default: among the configs at the default's model evaluations per image, one
+    replaces the default only if its PSNR is higher with the paired 95 % interval above 0 and its mean LPIPS is not
+    higher; of those, the highest mean PSNR wins. Configs with more evaluations are reported, never chosen.
+
+    Ties (``per``: the per-image results of every row): a passing config whose paired PSNR difference to that
+    winner has an interval containing 0 ties with it (the photos cannot tell them apart). Among the tied ones the
+    task's ``current`` config (its label: what conf/task/ composes to now) stays; otherwise the config whose worst
+    photo loses least against the default wins (robustness over an unresolved mean).
+
+    The real-photo floor (``vetoes``: label -> why, from :func:`real_vetoes`): a config that is worse than the
+    current default on photos degraded outside deqir cannot be chosen."""
+    default = next((r for r in rows if r["config"] == "default"), None)
+    if default is None:
+        return {"winner": None, "text": "no default row"}
+    ok = [r for r in rows if r["config"] not in ("default", "baseline") and not r["config"].startswith("deepinv")
+          and r["work"] <= default["work"] + 1e-9 and "ci_psnr_default" in r
+          and r["ci_psnr_default"][0] > 0 and r.get("d_lpips_default", 0.0) <= 0 and r["config"] not in (vetoes or {})]
+    if not ok:
+        return {"winner": "default", "text": "keep the default (no config at equal work passes: PSNR interval > 0, "
+                                            "LPIPS not higher" + (", real-photo floor" if vetoes else "") + ")"}
+    best = max(ok, key=lambda r: r["psnr"])
+    tie_note = ""
+    if per is not None:
+        def psnrs(lab):
+            return [float(x["psnr"]) for x in per[lab]]
+
+        tied = [r for r in ok if r is best or paired(psnrs(r["config"]), psnrs(best["config"]))["hi"] >= 0]
+        worst = {r["config"]: min(a - b for a, b in zip(psnrs(r["config"]), psnrs("default"))) for r in tied}
+        robust = next((r for r in tied if r["config"] == current), None) or max(tied, key=lambda r: worst[r["config"]])
+        if robust is not best:
+            why = ("the current default stays" if robust["config"] == current else
+                   f"worst photo {worst[robust['config']]:+.2f} dB against the default, not {worst[best['config']]:+.2f}")
+            tie_note = f"; tied with the highest mean, {best['config']} ({best['psnr']:.2f} dB): {why}"
+            best = robust
+    if vetoes:
+        worse = {k: v for k, v in vetoes.items() if v != "not run on them"}
+        if worse:
+            tie_note += "; below the default on photos degraded outside deqir: " + "; ".join(
+                f"{k} ({v})" for k, v in worse.items())
+        if len(worse) < len(vetoes):
+            tie_note += f"; {len(vetoes) - len(worse)} more config(s) not run on such photos"
+    lo, hi = best["ci_psnr_default"]
+    return {"winner": best["config"], "text": f"switch to {best['config']} (PSNR {best['d_psnr_default']:+.2f} dB "
+                                              f"[{lo:+.2f}, {hi:+.2f}], LPIPS {best.get('d_lpips_default', math.nan):+.3f})"
+                                              + tie_note}
+
+
+#: real_degradations.py overrides that do not change the configuration compared (its run settings)
+_RUN_ONLY = ("sampler=sequential", "model_dtype=")
+
+
+def real_vetoes(task: str, labels: list[str], current: str | None, files: list[Path] | None) -> dict[str, str]:
+    """label -> why, for every candidate label that ``files`` (real_degradations.py JSON, one run per config via
+    ``--override``) show below the task's current default on some degradation of ``task`` (paired PSNR interval
+    below 0), or that no file measured while one measured the current default. A file's configuration is its
+    ``--override`` list; the current default is the file that composes like ``compose_config(task)``."""
+    if not files or current is None:
+        return {}
+    runs = []  # (config key, {degradation: {photo: psnr}})
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        over = [o for o in data["settings"].get("override") or [] if not o.startswith(_RUN_ONLY)]
+        rows = {r["degradation"]: {p["name"]: p["psnr_restored"] for p in r.get("per_image", [])}
+                for r in data["rows"] if r["task"] == task}
+        if rows:
+            runs.append((config_key(task, over), rows))
+    now = config_key(task, [])
+    base = [rows for key, rows in runs if key == now]
+    if not base:
+        return {}
+    out = {}
+    for lab in labels:
+        if lab == current or lab in ("default", "baseline") or lab.startswith("deepinv"):
+            continue
+        key = config_key(task, overrides_of(lab))
+        if not any(k == key for k, _ in runs):
+            out[lab] = "not run on them"  # the floor is checked, not assumed
+            continue
+        for k, rows in runs:
+            if k != key:
+                continue
+            for deg, photos in rows.items():
+                ref = base[0].get(deg, {})
+                names = [n for n in photos if n in ref]
+                if len(names) < 2:
+                    continue
+                d = paired([photos[n] for n in names], [ref[n] for n in names])
+                if d["hi"] < 0:
+                    out[lab] = f"{deg}: {d['mean']:+.2f} dB [{d['lo']:+.2f}, {d['hi']:+.2f}], {len(names)} photos"
+    return out

@@ -1,0 +1,76 @@
+"""The rule that changes a task's default (benchmarks/rule.py; README "Defaults chosen by measurement")."""
+from __future__ import annotations
+
+import json
+import sys
+
+from app_support import REPO
+
+sys.path.insert(0, str(REPO))
+from benchmarks.rule import current_label, decide, real_vetoes  # noqa: E402
+from benchmarks.stats import paired  # noqa: E402
+
+
+def _rows(per: dict[str, list[float]], lpips: dict[str, float] | None = None) -> list[dict]:
+    """Report rows (means and paired differences to "default") from per-image PSNRs."""
+    rows = []
+    for lab, vals in per.items():
+        r = {"config": lab, "psnr": sum(vals) / len(vals), "work": 25.0, "lpips": (lpips or {}).get(lab, 0.1)}
+        if lab != "default":
+            d = paired(vals, per["default"])
+            r["d_psnr_default"], r["ci_psnr_default"] = d["mean"], (d["lo"], d["hi"])
+            r["d_lpips_default"] = r["lpips"] - (lpips or {}).get("default", 0.1)
+        rows.append(r)
+    return rows
+
+
+BASE = [30.0, 31.0, 29.0, 32.0, 30.5, 28.0]
+PER = {
+    "default": BASE,
+    "a": [x + 1.0 + 0.01 * i for i, x in enumerate(BASE)],                 # +1.0, every photo better
+    "b": [x + 1.05 + (0.3 if i % 2 else -0.3) for i, x in enumerate(BASE)],  # the highest mean, photos +0.75 only
+    "c": [x + 0.3 for x in BASE],                                          # better, but clearly below a and b
+    "worse_lpips": [x + 2.0 for x in BASE],                                # best PSNR, LPIPS higher: never chosen
+}
+
+
+def _per(per):
+    return {lab: [{"psnr": v} for v in vals] for lab, vals in per.items()}
+
+
+def test_highest_mean_passing_config_wins_without_per_image_data():
+    rows = _rows(PER, lpips={"worse_lpips": 0.2})
+    assert decide(rows)["winner"] == "b"
+    assert decide(_rows({"default": BASE, "c": [x - 0.3 for x in BASE]}))["winner"] == "default"
+
+
+def test_ties_go_to_the_current_default_then_to_the_most_robust():
+    rows = _rows(PER, lpips={"worse_lpips": 0.2})
+    assert decide(rows, _per(PER))["winner"] == "a"  # a ties with b (interval contains 0), its worst photo is better
+    assert decide(rows, _per(PER), current="b")["winner"] == "b"  # the current default stays when tied
+    assert decide(rows, _per(PER), current="c")["winner"] == "a"  # ... but not when it is below the best
+
+
+def test_the_real_photo_floor_vetoes_candidates(tmp_path):
+    """real_degradations.py results: a candidate below the current default there, or never run there, is vetoed."""
+    def run(name, overrides, psnrs):
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps({"settings": {"override": ["sampler=sequential", *overrides]},
+                                 "rows": [{"degradation": "jpeg", "task": "deblur",
+                                           "per_image": [{"name": str(i), "psnr_restored": v}
+                                                         for i, v in enumerate(psnrs)]}]}))
+        return f
+
+    files = [run("now", [], BASE), run("low", ["sampler.t_start=100"], [x - 0.4 + 0.01 * i for i, x in enumerate(BASE)]),
+             run("high", ["sampler.t_start=650"], [x + 0.1 for x in BASE])]
+    labels = ["default", "skip_type=quad,t_start=500", "skip_type=quad,t_start=100", "skip_type=quad,t_start=650",
+              "skip_type=quad,t_start=300"]
+    current = current_label("deblur", labels)
+    assert current == "skip_type=quad,t_start=500"  # conf/task/deblur.yaml's grid and start
+    vetoes = real_vetoes("deblur", labels, current, files)
+    assert set(vetoes) == {"skip_type=quad,t_start=100", "skip_type=quad,t_start=300"}
+    assert vetoes["skip_type=quad,t_start=300"] == "not run on them" and "jpeg: -0.3" in vetoes["skip_type=quad,t_start=100"]
+    assert real_vetoes("deblur", labels, current, None) == {}
+    rows = _rows({"default": BASE, "skip_type=quad,t_start=100": [x + 2 for x in BASE],
+                  "skip_type=quad,t_start=650": [x + 1 for x in BASE]})
+    assert decide(rows, vetoes=vetoes)["winner"] == "skip_type=quad,t_start=650"
