@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
-from benchmarks.rule import current_label, decide, real_vetoes  # noqa: E402
+from benchmarks.rule import current_label, decide, overrides_of, real_vetoes  # noqa: E402
 from benchmarks.stats import paired  # noqa: E402
 
 TASKS = ["deblur", "sr4", "sr_avgpool4", "inpaint_random", "inpaint_box", "inpaint_text", "denoise", "colorize", "cs2"]
@@ -41,25 +41,6 @@ GRIDS = {
     "eta": ["skip_type=quad,eta=0.85", "skip_type=quad,eta=0.5"],
     "T": ["default,T=100", "skip_type=quad,T=50", "skip_type=quad,T=100"],
 }
-SHORT = {"skip_type": "sampler.skip_type", "t_start": "sampler.t_start", "rho": "sampler.rho", "T": "sampler.timesteps"}
-
-
-def overrides_of(config: str) -> list[str]:
-    """``skip_type=quad,eta=0.5`` -> invert.py overrides (``default`` alone: none)."""
-    out: list[str] = []
-    for part in [p for p in config.split(",") if p and p != "default"]:
-        key, _, value = part.partition("=")
-        if not value:
-            raise ValueError(f"config part {part!r} must be key=value (e.g. skip_type=quad); config: {config!r}")
-        if key == "eta":
-            out += [f"sampler.etw={value}", f"sampler.nw={value}"]
-        elif key == "chain":
-            out.append(f"chain={value}")
-        else:
-            out.append(f"{SHORT.get(key, key)}={value}")
-    return out
-
-
 def load_images(folder: Path, limit: int | None) -> tuple[list[str], torch.Tensor]:
     from deqir.datasets.images import read_image, to_tensor
 

@@ -1,10 +1,10 @@
 """Restoring photos degraded *outside* deqir, beside the simulated ("inverse crime") rows, default model.
 
 Each photo (the demo photos, or ``--folder``: the evaluation set, ``data/eval/128``, for claims) is cropped to
-``--size`` x ``--width`` and degraded by code that is not deqir's operators: scipy.ndimage correlation with the deblur task's kernel and ``mode="reflect"`` / ``"nearest"``
-boundaries, PIL's GaussianBlur, the reflect blur followed by JPEG at quality 90, PIL bicubic downsampling x4,
-JPEG at quality 90 restored by the inpainting tasks (their masks drop pixels of a compressed photo); all saved as
-8-bit pictures. ``deqir.restore`` restores them as a user's photos (``dataset=real``: the
+``--size`` x ``--width`` and degraded by code that is not deqir's operators: scipy.ndimage correlation with the
+deblur task's kernel and ``mode="reflect"`` / ``"nearest"`` boundaries, PIL's GaussianBlur, the reflect blur
+followed by JPEG at quality 90, PIL bicubic downsampling x4, JPEG at quality 90 restored by the inpainting tasks
+(their masks drop pixels of a compressed photo); all saved as 8-bit pictures. ``deqir.restore`` restores them as a user's photos (``dataset=real``: the
 valid-boundary blur, sigma_y estimated per photo). Columns: PSNR / LPIPS against the clean crop of the input
 (the blurry photo; for SR its bicubic upscaling), of a baseline (deblurring: the same restoration with the
 circular operator that deqir's simulations use, ``dataset.boundary=circular``; SR: PIL bicubic upscaling)
@@ -97,8 +97,8 @@ DEGRADATIONS: dict[str, tuple[Callable, str, list[str], str]] = {
     "reflect blur + JPEG q90": (jpeg(90, scipy_blur("reflect")), "deblur", [], "blur"),
     "PIL bicubic x4 down": (pil_bicubic_down(4), "sr4", [], "sr4"),
     # a JPEG photo with pixels missing: the operator drops the pixels, the file's compression is not deqir's
-    "JPEG q90, 50 % missing": (jpeg(90, lambda a: a), "inpaint_random", [], "inpaint"),
-    "JPEG q90, text mask": (jpeg(90, lambda a: a), "inpaint_text", [], "inpaint"),
+    "JPEG q90, 50 % missing": (jpeg(90, np.asarray), "inpaint_random", [], "inpaint"),
+    "JPEG q90, text mask": (jpeg(90, np.asarray), "inpaint_text", [], "inpaint"),
 }
 #: simulated rows: deqir's own operator (the benchmarks' "inverse crime"), through deqir.evaluate
 SIMULATED = {"deqir deblur (simulated)": "deblur", "deqir sr4 (simulated)": "sr4"}
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
                        ("psnr_restored", "restored PSNR", ".2f"), ("lpips_restored", "LPIPS", ".3f"),
                        ("sigma_y", "σ_y est.", ".4f"), ("flagged", "flagged", ""),
                        ("seconds_per_image", "s/img", ".1f")])
-    payload = {"machine": machine_info(torch.device("cpu")), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"machine": machine_info(torch.device("cpu")), "settings": settings, "rows": rows}
     write_json(args.json, payload)
     return payload
 

@@ -1,4 +1,4 @@
-"""The rule that changes a task's default (README "Defaults chosen by measurement"), from benchmark results.
+"""Config labels and the rule that changes a task's default (README "Defaults chosen by measurement").
 
 Simulated photos (``benchmarks/defaults.py``'s cache) choose; photos degraded outside deqir
 (``benchmarks/real_degradations.py --json``, per-image results) can veto: a candidate whose paired PSNR on such
@@ -12,11 +12,24 @@ from pathlib import Path
 
 from benchmarks.stats import paired
 
+#: short config keys -> invert.py keys
+SHORT = {"skip_type": "sampler.skip_type", "t_start": "sampler.t_start", "rho": "sampler.rho", "T": "sampler.timesteps"}
+
 
 def overrides_of(config: str) -> list[str]:
-    from benchmarks.defaults import overrides_of as parse
-
-    return parse(config)
+    """``skip_type=quad,eta=0.5`` -> invert.py overrides (``default`` alone: none)."""
+    out: list[str] = []
+    for part in [p for p in config.split(",") if p and p != "default"]:
+        key, _, value = part.partition("=")
+        if not value:
+            raise ValueError(f"config part {part!r} must be key=value (e.g. skip_type=quad); config: {config!r}")
+        if key == "eta":
+            out += [f"sampler.etw={value}", f"sampler.nw={value}"]
+        elif key == "chain":
+            out.append(f"chain={value}")
+        else:
+            out.append(f"{SHORT.get(key, key)}={value}")
+    return out
 
 
 def config_key(task: str, overrides: list[str]) -> str:
@@ -31,12 +44,9 @@ def current_label(task: str, labels: list[str]) -> str | None:
     """The cached config label that composes to the task's current sampler and chain settings (conf/task/), if any.
 
     Run before a default changes: afterwards the task's own config is what the old label composes to."""
-    def key(overrides):
-        return config_key(task, overrides)
-
-    now = key([])
+    now = config_key(task, [])
     same = [lab for lab in labels if lab not in ("default", "baseline") and not lab.startswith("deepinv")
-            and key(overrides_of(lab)) == now]
+            and config_key(task, overrides_of(lab)) == now]
     # the most explicit label: a shorter one (skip_type=quad) may have been cached before the task set the rest
     return max(same, key=lambda lab: len(overrides_of(lab)), default=None)
 
