@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
-from benchmarks.rule import current_label, decide, overrides_of, real_vetoes  # noqa: E402
+from benchmarks.rule import current_label, decide, overrides_of, parallel_vetoes, real_vetoes  # noqa: E402
 from benchmarks.stats import paired  # noqa: E402
 
 TASKS = ["deblur", "sr4", "sr_avgpool4", "inpaint_random", "inpaint_box", "inpaint_text", "denoise", "colorize", "cs2"]
@@ -188,6 +188,7 @@ def report(args) -> dict:
     current default (and to the best peer row)."""
     cache = load_cache(*map(Path, args.cache))
     real = [Path(p) for p in (args.real or [])]
+    parallel = [Path(p) for p in (args.parallel or [])]
     names, imgs = load_images(Path(args.images), args.limit)
     size = imgs.shape[-1]
     tasks = [t for t in args.tasks if any(k[0] == t for k in cache)]
@@ -215,7 +216,9 @@ def report(args) -> dict:
             rows.append(r)
         current = current_label(task, full)
         out[task] = {"rows": rows, "best_peer": best_peer, "size": size,
-                     "decision": decide(rows, per, current, real_vetoes(task, full, current, real))}
+                     # one reason vetoes: where both floors do, the real-photo one is reported
+                     "decision": decide(rows, per, current, {**parallel_vetoes(task, full, current, parallel),
+                                                             **real_vetoes(task, full, current, real)})}
         print(f"\n### {task} ({len(names)} photos, {size} px; Δ = paired difference, [95 % CI])")
         cols = [("config", "config", ""), ("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"),
                 ("consistency", "‖Ax−y‖", ".3f"), ("work", "NFE", ".0f"),
@@ -265,8 +268,8 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 def plot(out: dict, folder: Path) -> None:
-    """One PNG per task: PSNR and LPIPS against model evaluations; deqir's placements as curves over T, the
-    peers and the baseline as points."""
+    """One PNG per task: PSNR and LPIPS against model evaluations; deqir's settings measured at several T as curves,
+    the rule's choice as a star, the other single-T settings as grey dots, the peers and the baseline as points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,30 +277,46 @@ def plot(out: dict, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for task, res in out.items():
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.4))
+        winner = (res.get("decision") or {}).get("winner")
         curves: dict[str, list] = {}
         for r in res["rows"]:
             lab = r["config"]
             if lab == "baseline" or lab.startswith("deepinv"):
                 for ax, k in zip(axes, ("psnr", "lpips")):
-                    ax.scatter([max(r["work"], 1)], [r[k]], marker="x" if lab == "baseline" else "s", label=lab)
+                    ax.scatter([max(r["work"], 1)], [r[k]], marker="x" if lab == "baseline" else "s", s=40,
+                               label=lab if ax is axes[0] else None, zorder=3)
                 continue
             parts = [p for p in lab.split(",") if not p.startswith("T=")]
             key = ",".join(parts) or "default"
             T = next((int(p[2:]) for p in lab.split(",") if p.startswith("T=")), 25)
-            curves.setdefault(key, []).append((r["work"], r["psnr"], r["lpips"], T))
+            curves.setdefault(key, []).append((r["work"], r["psnr"], r["lpips"], T, lab))
+        others = False
         for key, pts in curves.items():
             pts.sort()
+            chosen = any(p[4] == winner for p in pts)
             for ax, i in zip(axes, (1, 2)):
-                ax.plot([p[0] for p in pts], [p[i] for p in pts], "o-", label=f"deqir {key}")
-        for ax, k in zip(axes, ("PSNR (dB)", "LPIPS-VGG")):
+                x, y = [p[0] for p in pts], [p[i] for p in pts]
+                first = ax is axes[0]
+                if len(pts) > 1 or chosen or key == "default":
+                    name = ("old default" if key == "default" else f"deqir {key}") + (" (chosen)" if chosen else "")
+                    ax.plot(x, y, "o-", ms=4, lw=1.2, label=name if first else None, zorder=2)
+                else:
+                    ax.scatter(x, y, s=12, color="0.6", label=None if others or not first else
+                               "other settings (one T each)", zorder=1)
+                if chosen:
+                    w = next(p for p in pts if p[4] == winner)
+                    ax.scatter([w[0]], [w[i]], marker="*", s=160, color="crimson", zorder=4,
+                               label="the rule's choice" if first else None)
+            others = others or not (len(pts) > 1 or chosen or key == "default")
+        for ax, k in zip(axes, ("PSNR (dB)", "LPIPS-VGG (lower is better)")):
             ax.set_xscale("log")
             ax.set_xlabel("model evaluations per image")
             ax.set_ylabel(k)
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=6, loc="best")
+        fig.legend(loc="lower center", ncol=3, fontsize=6, frameon=False)
         fig.suptitle(f"{task}: {res['rows'][0]['n']} photos, {res.get('size', 128)} px (CPU)", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
         fig.savefig(folder / f"defaults_{task}.png", dpi=110)
         plt.close(fig)
 
@@ -323,6 +342,9 @@ def main(argv=None) -> None:
     ap.add_argument("--report", action="store_true", help="only print the tables from the cache")
     ap.add_argument("--real", nargs="*", default=None, metavar="JSON",
                     help="real_degradations.py results (one per config, per-image): the rule's real-photo floor")
+    ap.add_argument("--parallel", nargs="*", default=None, metavar="JSON",
+                    help="parallel_defaults.py results (per image): the rule's parallel floor (45 dB of the sequential "
+                         "result at the stop on every photo)")
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

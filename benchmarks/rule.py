@@ -62,8 +62,9 @@ def decide(rows: list[dict], per: dict[str, list[dict]] | None = None, current: 
     task's ``current`` config (its label: what conf/task/ composes to now) stays; otherwise the config whose worst
     photo loses least against the default wins (robustness over an unresolved mean).
 
-    The real-photo floor (``vetoes``: label -> why, from :func:`real_vetoes`): a config that is worse than the
-    current default on photos degraded outside deqir cannot be chosen."""
+    The real-photo floor and the parallel floor (``vetoes``: label -> why, from :func:`real_vetoes` and
+    :func:`parallel_vetoes`): a config that is worse than the current default on photos degraded outside deqir, or
+    whose parallel solve stops below 45 dB of its own sequential result, cannot be chosen."""
     default = next((r for r in rows if r["config"] == "default"), None)
     if default is None:
         return {"winner": None, "text": "no default row"}
@@ -88,17 +89,28 @@ def decide(rows: list[dict], per: dict[str, list[dict]] | None = None, current: 
             tie_note = f"; tied with the highest mean, {best['config']} ({best['psnr']:.2f} dB): {why}"
             best = robust
     if vetoes:
-        worse = {k: v for k, v in vetoes.items() if v != "not run on them"}
+        par = {k: v for k, v in vetoes.items() if v.startswith(PARALLEL)}
+        real = {k: v for k, v in vetoes.items() if k not in par}
+        worse = {k: v for k, v in real.items() if v != "not run on them"}
         if worse:
             tie_note += "; below the default on photos degraded outside deqir: " + "; ".join(
                 f"{k} ({v})" for k, v in worse.items())
-        if len(worse) < len(vetoes):
-            tie_note += f"; {len(vetoes) - len(worse)} more config(s) not run on such photos"
+        if len(worse) < len(real):
+            tie_note += f"; {len(real) - len(worse)} more config(s) not run on such photos"
+        failed = {k: v for k, v in par.items() if v != PARALLEL_NOT_RUN}
+        if failed:
+            tie_note += "; " + "; ".join(f"{k} ({v})" for k, v in failed.items())
+        if len(failed) < len(par):
+            tie_note += f"; {len(par) - len(failed)} more config(s) not run in the parallel benchmark"
     lo, hi = best["ci_psnr_default"]
     return {"winner": best["config"], "text": f"switch to {best['config']} (PSNR {best['d_psnr_default']:+.2f} dB "
                                               f"[{lo:+.2f}, {hi:+.2f}], LPIPS {best.get('d_lpips_default', math.nan):+.3f})"
                                               + tie_note}
 
+
+#: parallel_vetoes' reasons start with this
+PARALLEL = "parallel solve"
+PARALLEL_NOT_RUN = PARALLEL + ": not run"
 
 #: real_degradations.py overrides that do not change the configuration compared (its run settings)
 _RUN_ONLY = ("sampler=sequential", "model_dtype=")
@@ -142,4 +154,40 @@ def real_vetoes(task: str, labels: list[str], current: str | None, files: list[P
                 d = paired([photos[n] for n in names], [ref[n] for n in names])
                 if d["hi"] < 0:
                     out[lab] = f"{deg}: {d['mean']:+.2f} dB [{d['lo']:+.2f}, {d['hi']:+.2f}], {len(names)} photos"
+    return out
+
+
+def parallel_vetoes(task: str, labels: list[str], current: str | None, files: list[Path] | None,
+                    floor_db: float = 45.0, T: int = 25) -> dict[str, str]:
+    """label -> why, for every candidate label whose quasi-Newton solve (``benchmarks/parallel_defaults.py --json``
+    at ``T``, per image; a row's configuration is its ``--override`` list) stops below ``floor_db`` of its own
+    sequential result on some photo, or that no file ran while the files ran the task (the floor is checked, not
+    assumed). Files run with ``--solver-options`` solve differently and are skipped; the current default is exempt
+    (it is what a vetoed candidate falls back to)."""
+    if not files or current is None:
+        return {}
+    runs = []  # (config key, [(photo, dB to sequential at the stop)])
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if (data.get("args") or {}).get("solver_options"):
+            continue
+        for r in data["rows"]:
+            if r["task"] == task and int(r.get("T", T)) == T and r.get("per_image"):
+                over = [] if r["config"] == "default" else r["config"].split()
+                runs.append((config_key(task, over), [(p["name"], float(p["psnr_seq"])) for p in r["per_image"]]))
+    if not runs:
+        return {}
+    out = {}
+    for lab in labels:
+        if lab == current or lab in ("default", "baseline") or lab.startswith("deepinv"):
+            continue
+        key = config_key(task, overrides_of(lab))
+        mine = [photos for k, photos in runs if k == key]
+        if not mine:
+            out[lab] = PARALLEL_NOT_RUN
+            continue
+        low = [(n, v) for photos in mine for n, v in photos if v < floor_db]
+        if low:
+            n, v = min(low, key=lambda x: x[1])
+            out[lab] = f"{PARALLEL} stops {v:.1f} dB from its sequential result ({n}; {len(low)} photo(s) below {floor_db:g})"
     return out

@@ -7,7 +7,7 @@ import sys
 from app_support import REPO
 
 sys.path.insert(0, str(REPO))
-from benchmarks.rule import current_label, decide, real_vetoes  # noqa: E402
+from benchmarks.rule import PARALLEL_NOT_RUN, current_label, decide, parallel_vetoes, real_vetoes  # noqa: E402
 from benchmarks.stats import paired  # noqa: E402
 
 
@@ -74,3 +74,35 @@ def test_the_real_photo_floor_vetoes_candidates(tmp_path):
     rows = _rows({"default": BASE, "skip_type=quad,t_start=100": [x + 2 for x in BASE],
                   "skip_type=quad,t_start=650": [x + 1 for x in BASE]})
     assert decide(rows, vetoes=vetoes)["winner"] == "skip_type=quad,t_start=650"
+
+
+def test_the_parallel_floor_vetoes_candidates_whose_solve_stops_short(tmp_path):
+    """parallel_defaults.py results: a candidate whose quasi-Newton solve stops below 45 dB of its own sequential
+    result on some photo, or that was never run there, is vetoed; runs with other solver options do not count."""
+    def run(name, rows, solver_options=()):
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps({"args": {"solver_options": list(solver_options)},
+                                 "rows": [{"task": "deblur", "T": 25, "config": cfg,
+                                           "per_image": [{"name": str(i), "psnr_seq": v} for i, v in enumerate(vals)]}
+                                          for cfg, vals in rows]}))
+        return f
+
+    files = [run("a", [("sampler.nw=0.9", [50.0, 47.0, 52.0]), ("sampler.nw=0.3", [60.0, 30.5, 44.0])]),
+             run("b", [("sampler.nw=0.8", [50.0, 51.0, 52.0])], solver_options=["tol=0.001"])]
+    labels = ["default", "skip_type=quad,t_start=500", "skip_type=quad,t_start=500,sampler.nw=0.9",
+              "skip_type=quad,t_start=500,sampler.nw=0.3", "skip_type=quad,t_start=500,sampler.nw=0.8"]
+    current = "skip_type=quad,t_start=500"
+    vetoes = parallel_vetoes("deblur", labels, current, files)
+    assert set(vetoes) == {"skip_type=quad,t_start=500,sampler.nw=0.3", "skip_type=quad,t_start=500,sampler.nw=0.8"}
+    assert "30.5 dB" in vetoes["skip_type=quad,t_start=500,sampler.nw=0.3"] and "2 photo(s)" in vetoes[
+        "skip_type=quad,t_start=500,sampler.nw=0.3"]
+    assert vetoes["skip_type=quad,t_start=500,sampler.nw=0.8"] == PARALLEL_NOT_RUN  # its only run used other options
+    assert parallel_vetoes("deblur", labels, current, None) == {}
+    assert parallel_vetoes("sr4", labels, current, files) == {}  # no parallel run of the task: nothing to check
+    rows = _rows({"default": BASE, current: [x + 0.5 for x in BASE],
+                  "skip_type=quad,t_start=500,sampler.nw=0.3": [x + 2 for x in BASE],
+                  "skip_type=quad,t_start=500,sampler.nw=0.9": [x + 1 + 0.01 * i for i, x in enumerate(BASE)],
+                  "skip_type=quad,t_start=500,sampler.nw=0.8": [x + 1.5 for x in BASE]})
+    dec = decide(rows, vetoes=vetoes)
+    assert dec["winner"] == "skip_type=quad,t_start=500,sampler.nw=0.9"
+    assert "parallel solve stops 30.5 dB" in dec["text"] and "1 more config(s) not run in the parallel" in dec["text"]

@@ -40,13 +40,15 @@ def test_optimize_init_runs_on_a_pigdm_task():
 
 
 def test_box_inpainting_tightens_the_quasi_newton_slot_tolerance():
-    """conf/task/inpaint_box.yaml sets quasi_newton's slot tolerance (docs/solvers.md "Box inpainting"), only there,
-    only for quasi_newton / auto, and the command line still wins."""
+    """conf/task/inpaint_box.yaml (and inpaint_text.yaml, for its noise weight 0.7) set quasi_newton's slot
+    tolerance (docs/solvers.md "Box inpainting"), only there, only for quasi_newton / auto, and the command line
+    still wins."""
     from deqir.api import compose_config
 
     box = compose_config("inpaint_box")
     assert box.task.quasi_newton_tol == box.solver.tol == 0.005
     assert compose_config("inpaint_random").solver.tol == compose_config().solver.tol == 0.02
+    assert compose_config("inpaint_text").solver.tol == 0.01
     assert compose_config("inpaint_box", ["solver=quasi_newton"]).solver.tol == 0.005
     assert compose_config("inpaint_box", ["solver.tol=0.05"]).solver.tol == 0.05
     assert compose_config("inpaint_box", ["solver=anderson"]).solver.tol == 1e-3  # another solver's own tolerance
