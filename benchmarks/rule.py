@@ -108,6 +108,13 @@ def decide(rows: list[dict], per: dict[str, list[dict]] | None = None, current: 
                                               + tie_note}
 
 
+def _candidates(task: str, labels: list[str], current: str | None):
+    """(label, config key) of every label a floor can veto: deqir configs other than the current default."""
+    for lab in labels:
+        if lab != current and lab not in ("default", "baseline") and not lab.startswith("deepinv"):
+            yield lab, config_key(task, overrides_of(lab))
+
+
 #: parallel_vetoes' reasons start with this
 PARALLEL = "parallel solve"
 PARALLEL_NOT_RUN = PARALLEL + ": not run"
@@ -136,10 +143,7 @@ def real_vetoes(task: str, labels: list[str], current: str | None, files: list[P
     if not base:
         return {}
     out = {}
-    for lab in labels:
-        if lab == current or lab in ("default", "baseline") or lab.startswith("deepinv"):
-            continue
-        key = config_key(task, overrides_of(lab))
+    for lab, key in _candidates(task, labels, current):
         if not any(k == key for k, _ in runs):
             out[lab] = "not run on them"  # the floor is checked, not assumed
             continue
@@ -178,10 +182,7 @@ def parallel_vetoes(task: str, labels: list[str], current: str | None, files: li
     if not runs:
         return {}
     out = {}
-    for lab in labels:
-        if lab == current or lab in ("default", "baseline") or lab.startswith("deepinv"):
-            continue
-        key = config_key(task, overrides_of(lab))
+    for lab, key in _candidates(task, labels, current):
         mine = [photos for k, photos in runs if k == key]
         if not mine:
             out[lab] = PARALLEL_NOT_RUN
