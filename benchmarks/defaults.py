@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
-from benchmarks.rule import current_label, decide, overrides_of, parallel_vetoes, real_vetoes  # noqa: E402
+from benchmarks.rule import (current_label, decide, default_at_steps, overrides_of, parallel_vetoes,  # noqa: E402
+                            real_vetoes, steps_vetoes)
 from benchmarks.stats import paired  # noqa: E402
 
 TASKS = ["deblur", "sr4", "sr_avgpool4", "inpaint_random", "inpaint_box", "inpaint_text", "denoise", "colorize", "cs2"]
@@ -216,8 +217,9 @@ def report(args) -> dict:
             rows.append(r)
         current = current_label(task, full)
         out[task] = {"rows": rows, "best_peer": best_peer, "size": size,
-                     # one reason vetoes: where both floors do, the real-photo one is reported
-                     "decision": decide(rows, per, current, {**parallel_vetoes(task, full, current, parallel),
+                     # one reason vetoes: where several floors do, the real-photo one is reported
+                     "decision": decide(rows, per, current, {**steps_vetoes(task, full, current, per),
+                                                             **parallel_vetoes(task, full, current, parallel),
                                                              **real_vetoes(task, full, current, real)})}
         print(f"\n### {task} ({len(names)} photos, {size} px; Δ = paired difference, [95 % CI])")
         cols = [("config", "config", ""), ("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"),
@@ -233,6 +235,7 @@ def report(args) -> dict:
                     r[f"d_{k}_s"] = f"{r[f'd_{k}']:+{fmt}} [{lo:+{fmt}}, {hi:+{fmt}}]"
         out[task]["table"] = print_table(rows, cols)
         print(f"rule: {out[task]['decision']['text']}")
+        out[task]["steps"] = steps_row(task, full, per, current, best_peer)
     summary = []
     for task, res in out.items():
         rows = {r["config"]: r for r in res["rows"]}
@@ -257,9 +260,41 @@ def report(args) -> dict:
                               ("gain", "ΔPSNR new − old", ""), ("peer", "best peer (NFE)", ""),
                               ("vs_peer", "ΔPSNR new − peer", "")])
     out["_summary"] = summary
+    steps = [res["steps"] for res in out.values() if isinstance(res, dict) and res.get("steps")]
+    if steps:
+        print("\n### The default with more steps (PSNR dB / LPIPS; Δ paired, [95 % CI]; reported, never chosen)")
+        print_table(steps, [("task", "task", ""), ("T25", "T = 25", ""), ("T50", "T = 50", ""), ("T100", "T = 100", ""),
+                            ("d50_peer", "ΔPSNR T = 50 − best peer", ""), ("d100_25", "ΔPSNR T = 100 − 25", ""), ("d100_peer", "ΔPSNR T = 100 − best peer", ""),
+                            ("dl100_peer", "ΔLPIPS T = 100 − best peer", "")])
+    out["_steps"] = steps
     if args.plot_dir:
         plot({k: v for k, v in out.items() if not k.startswith("_")}, Path(args.plot_dir))
     return out
+
+
+def steps_row(task: str, full: list[str], per: dict[str, list[dict]], current: str | None,
+              best_peer: str | None) -> dict | None:
+    """The task's current default at T = 25, 50 and 100 (the cached rows that compose to it), with paired
+    differences of T = 50 and 100 to the best peer and of T = 100 to T = 25; None when T = 100 was not run."""
+    at = default_at_steps(task, full)
+    at.setdefault(25, current or "default")  # no labelled switch: the "default" row is the default
+    if 100 not in at or at[25] not in per:
+        return None
+
+    def diff(a: str, b: str | None, key: str, fmt: str) -> str:
+        if b is None:
+            return "–"
+        d = paired([x[key] for x in per[a]], [x[key] for x in per[b]])
+        return f"{d['mean']:+{fmt}} [{d['lo']:+{fmt}}, {d['hi']:+{fmt}}]"
+
+    row = {"task": task, "labels": at}
+    for T in (25, 50, 100):
+        row[f"T{T}"] = (f"{_mean(per[at[T]], 'psnr'):.2f} / {_mean(per[at[T]], 'lpips'):.3f}" if T in at else "–")
+    row["d50_peer"] = diff(at[50], best_peer, "psnr", ".2f") if 50 in at else "–"
+    row["d100_25"] = diff(at[100], at[25], "psnr", ".2f")
+    row["d100_peer"] = diff(at[100], best_peer, "psnr", ".2f")
+    row["dl100_peer"] = diff(at[100], best_peer, "lpips", ".3f")
+    return row
 
 
 def _mean(rows: list[dict], key: str) -> float:

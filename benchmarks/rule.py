@@ -51,6 +51,55 @@ def current_label(task: str, labels: list[str]) -> str | None:
     return max(same, key=lambda lab: len(overrides_of(lab)), default=None)
 
 
+def _explicit_keys(task: str, labels: list[str]) -> dict[str, str]:
+    """label -> config key of every explicit deqir label (``default,...`` labels are relative to the default at the
+    time they were cached, so they cannot be matched by composition)."""
+    return {lab: config_key(task, overrides_of(lab)) for lab in labels
+            if not lab.startswith(("default", "baseline", "deepinv"))}
+
+
+def _at_steps(task: str, keys: dict[str, str], base: list[str], steps: tuple[int, ...]) -> dict[int, str]:
+    """Per T in ``steps``, the most explicit label that composes like ``base`` run with T steps, where one exists."""
+    out: dict[int, str] = {}
+    for T in steps:
+        want = config_key(task, base + [f"sampler.timesteps={T}"])
+        same = [lab for lab, key in keys.items() if key == want]
+        if same:
+            out[T] = max(same, key=lambda lab: len(overrides_of(lab)))
+    return out
+
+
+def default_at_steps(task: str, labels: list[str], steps: tuple[int, ...] = (25, 50, 100)) -> dict[int, str]:
+    """Per T in ``steps``, the cached label that composes to the task's current default run with T steps
+    (``sampler.timesteps=T``), where one exists; only explicit labels count (the most explicit, as in
+    :func:`current_label`)."""
+    return _at_steps(task, _explicit_keys(task, labels), [], steps)
+
+
+STEPS = "more steps"
+
+
+def steps_vetoes(task: str, labels: list[str], current: str | None, per: dict[str, list[dict]],
+                 steps: tuple[int, ...] = (50, 100)) -> dict[str, str]:
+    """label -> why, for every candidate whose own configuration run with T steps (T in ``steps``, a cached row)
+    is below the current default run with the same T (paired PSNR interval below 0; ``per``: per-image rows in one
+    photo order): a default is what users scale up with ``sampler.timesteps``. Where either row is missing the
+    floor is silent (these rows cost 2-4x a candidate's own)."""
+    keys = _explicit_keys(task, [lab for lab in labels if lab in per])
+    ref = _at_steps(task, keys, [], steps)
+    out: dict[str, str] = {}
+    for lab, _ in _candidates(task, labels, current):
+        over = overrides_of(lab)
+        if lab not in keys or any(o.startswith("sampler.timesteps=") for o in over):
+            continue
+        for T, mine in _at_steps(task, keys, over, tuple(T for T in steps if T in ref)).items():
+            d = paired([x["psnr"] for x in per[mine]], [x["psnr"] for x in per[ref[T]]])
+            if d["hi"] < 0:
+                out[lab] = f"{STEPS}: at T = {T} {d['mean']:+.2f} dB [{d['lo']:+.2f}, {d['hi']:+.2f}] below the default"
+                break
+    return out
+
+
 def decide(rows: list[dict], per: dict[str, list[dict]] | None = None, current: str | None = None,
            vetoes: dict[str, str] | None = None) -> dict:
     """The rule for changing a default: among the configs at the default's model evaluations per image, one
@@ -62,18 +111,22 @@ def decide(rows: list[dict], per: dict[str, list[dict]] | None = None, current: 
     task's ``current`` config (its label: what conf/task/ composes to now) stays; otherwise the config whose worst
     photo loses least against the default wins (robustness over an unresolved mean).
 
-    The real-photo floor and the parallel floor (``vetoes``: label -> why, from :func:`real_vetoes` and
-    :func:`parallel_vetoes`): a config that is worse than the current default on photos degraded outside deqir, or
-    whose parallel solve stops below 45 dB of its own sequential result, cannot be chosen."""
+    The real-photo, parallel and steps floors (``vetoes``: label -> why, from :func:`real_vetoes`,
+    :func:`parallel_vetoes` and :func:`steps_vetoes`): a config that is worse than the current default on photos
+    degraded outside deqir, whose parallel solve stops below 45 dB of its own sequential result, or that is worse
+    than the default when both run with more steps, cannot be chosen."""
     default = next((r for r in rows if r["config"] == "default"), None)
     if default is None:
         return {"winner": None, "text": "no default row"}
-    ok = [r for r in rows if r["config"] not in ("default", "baseline") and not r["config"].startswith("deepinv")
-          and r["work"] <= default["work"] + 1e-9 and "ci_psnr_default" in r
-          and r["ci_psnr_default"][0] > 0 and r.get("d_lpips_default", 0.0) <= 0 and r["config"] not in (vetoes or {})]
+    passing = [r for r in rows if r["config"] not in ("default", "baseline") and not r["config"].startswith("deepinv")
+               and r["work"] <= default["work"] + 1e-9 and "ci_psnr_default" in r
+               and r["ci_psnr_default"][0] > 0 and r.get("d_lpips_default", 0.0) <= 0]
+    ok = [r for r in passing if r["config"] not in (vetoes or {})]
     if not ok:
+        blocked = "; ".join(f"{r['config']} ({vetoes[r['config']]})" for r in passing)
         return {"winner": "default", "text": "keep the default (no config at equal work passes: PSNR interval > 0, "
-                                            "LPIPS not higher" + (", real-photo floor" if vetoes else "") + ")"}
+                                            "LPIPS not higher" + (", the floors" if vetoes else "") + ")"
+                                            + (f"; vetoed: {blocked}" if blocked else "")}
     best = max(ok, key=lambda r: r["psnr"])
     tie_note = ""
     if per is not None:
@@ -90,7 +143,11 @@ def decide(rows: list[dict], per: dict[str, list[dict]] | None = None, current: 
             best = robust
     if vetoes:
         par = {k: v for k, v in vetoes.items() if v.startswith(PARALLEL)}
-        real = {k: v for k, v in vetoes.items() if k not in par}
+        steps = {k: v for k, v in vetoes.items() if v.startswith(STEPS)}
+        real = {k: v for k, v in vetoes.items() if k not in par and k not in steps}
+        if steps:
+            tie_note += "; below the default with more steps: " + "; ".join(
+                f"{k} ({v[len(STEPS) + 2:]})" for k, v in steps.items())
         worse = {k: v for k, v in real.items() if v != "not run on them"}
         if worse:
             tie_note += "; below the default on photos degraded outside deqir: " + "; ".join(

@@ -7,7 +7,8 @@ import sys
 from app_support import REPO
 
 sys.path.insert(0, str(REPO))
-from benchmarks.rule import PARALLEL_NOT_RUN, current_label, decide, parallel_vetoes, real_vetoes  # noqa: E402
+from benchmarks.rule import (PARALLEL_NOT_RUN, STEPS, current_label, decide, default_at_steps,  # noqa: E402
+                            parallel_vetoes, real_vetoes, steps_vetoes)
 from benchmarks.stats import paired  # noqa: E402
 
 
@@ -106,3 +107,37 @@ def test_the_parallel_floor_vetoes_candidates_whose_solve_stops_short(tmp_path):
     dec = decide(rows, vetoes=vetoes)
     assert dec["winner"] == "skip_type=quad,t_start=500,sampler.nw=0.9"
     assert "parallel solve stops 30.5 dB" in dec["text"] and "1 more config(s) not run in the parallel" in dec["text"]
+
+
+def test_the_default_with_more_steps_is_found_by_composition():
+    """README's "more steps" table: per T, the cached label that composes to conf/task/deblur.yaml at T steps;
+    ``default,...`` labels (relative to an older default) and other starts or noise weights never count."""
+    labels = ["default", "default,T=100", "skip_type=quad,t_start=500,sampler.nw=0.7",
+              "skip_type=quad,t_start=500,T=100,sampler.nw=1.0", "skip_type=quad,t_start=300,T=100,sampler.nw=0.7",
+              "skip_type=uniform,t_start=500,T=100,sampler.nw=0.7", "skip_type=quad,t_start=500,T=50,sampler.nw=0.7",
+              "t_start=500,skip_type=quad,T=100,sampler.nw=0.7"]
+    at = default_at_steps("deblur", labels)
+    assert at == {25: "skip_type=quad,t_start=500,sampler.nw=0.7", 50: "skip_type=quad,t_start=500,T=50,sampler.nw=0.7",
+                  100: "t_start=500,skip_type=quad,T=100,sampler.nw=0.7"}
+    assert default_at_steps("deblur", labels[:2]) == {}
+
+
+def test_the_steps_floor_vetoes_candidates_that_lose_with_more_steps():
+    """A candidate whose own configuration at T = 50 or 100 is below the current default at the same T (paired
+    interval below 0) is vetoed; one above it, or without such rows, is not."""
+    cur = "skip_type=quad,t_start=500,sampler.nw=0.7"
+    base = [30.0, 31.5, 29.0, 33.0, 28.5, 32.0]
+    per = {lab: [{"psnr": v + off} for v in base] for lab, off in [
+        (cur, 0.0), ("skip_type=quad,t_start=500,T=100,sampler.nw=0.7", 0.0),
+        ("skip_type=quad,t_start=500,T=50,sampler.nw=0.7", 0.1),
+        ("skip_type=quad,t_start=500,sampler.nw=0.8", 0.3), ("skip_type=quad,t_start=500,T=100,sampler.nw=0.8", -0.5),
+        ("skip_type=quad,t_start=400", 0.2), ("skip_type=quad,t_start=400,T=50", 0.4),
+        ("skip_type=quad,t_start=300", 0.2)]}
+    per["skip_type=quad,t_start=500,T=100,sampler.nw=0.8"][0]["psnr"] += 0.1  # not all equal: a real interval
+    labels = list(per)
+    out = steps_vetoes("deblur", labels, cur, per)
+    assert set(out) == {"skip_type=quad,t_start=500,sampler.nw=0.8"}
+    assert out["skip_type=quad,t_start=500,sampler.nw=0.8"].startswith(f"{STEPS}: at T = 100 -0.")
+    # no current-default row at T: the floor is silent
+    del per["skip_type=quad,t_start=500,T=100,sampler.nw=0.7"]
+    assert steps_vetoes("deblur", list(per), cur, per) == {}
