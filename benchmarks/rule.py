@@ -88,9 +88,9 @@ def steps_vetoes(task: str, labels: list[str], current: str | None, per: dict[st
     keys = _explicit_keys(task, [lab for lab in labels if lab in per])
     ref = _at_steps(task, keys, [], steps)
     out: dict[str, str] = {}
-    for lab, _ in _candidates(task, labels, current):
+    for lab in keys:  # the candidates: explicit labels other than the current default (keys are composed once)
         over = overrides_of(lab)
-        if lab not in keys or any(o.startswith("sampler.timesteps=") for o in over):
+        if lab == current or any(o.startswith("sampler.timesteps=") for o in over):
             continue
         for T, mine in _at_steps(task, keys, over, tuple(T for T in steps if T in ref)).items():
             d = paired([x["psnr"] for x in per[mine]], [x["psnr"] for x in per[ref[T]]])
