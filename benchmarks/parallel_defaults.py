@@ -5,8 +5,9 @@ app's RestorationModule with ``solver=quasi_newton`` on all slots (what ``solver
 nearly free, i.e. a GPU) and ``eval.compare_sequential=true``, which solves the same chain sequentially on the same
 noise and records the PSNR of every round's x0 to it. Per image: rounds to 45 dB (the first round whose x0 is
 within 45 dB of the sequential one), rounds and work (model evaluations / T) at the solver's own stop, and the
-final PSNR to the sequential result. Means over the images; the solver's options can be varied with
-``--solver-options`` (e.g. ``history_size=4``), so this is also the tuning bench of docs/solvers.md.
+final PSNR to the sequential result (per image also its per-round trace, x0's dB to the sequential x0). Means
+over the images; the solver's options can be varied with
+``--solver-options`` (e.g. ``history_size=8``), so this is also the tuning bench of docs/solvers.md.
 
     python benchmarks/parallel_defaults.py --tasks deblur sr_avgpool4 inpaint_random --T 25 100 --limit 6
     python benchmarks/parallel_defaults.py --tasks generate --T 25
@@ -54,11 +55,12 @@ def run_task(task: str, T: int, overrides: list[str], names, images, args) -> di
         for row, tr in zip(res.rows, res.traces):
             trace = tr.get("psnr_to_sequential", [])
             per.append({"rounds_45": rounds_to(trace, 45.0), "rounds": float(row["rounds"]),
-                        "work": float(row["nfe"]) / T, "psnr_seq": float(row["psnr_to_sequential"])})
+                        "work": float(row["nfe"]) / T, "psnr_seq": float(row["psnr_to_sequential"]),
+                        "trace": [round(float(v), 2) for v in trace]})  # x0's dB to sequential, per round
     n = len(per)
     out = {"task": task, "T": T, "config": " ".join(overrides) or "default", "n": n,
            "seconds_per_img": (time.perf_counter() - t0) / n}
-    for k in ("rounds_45", "rounds", "work", "psnr_seq"):
+    for k in ("rounds_45", "rounds", "work", "psnr_seq"):  # "trace" stays per image
         vals = [p[k] for p in per]
         out[k] = sum(vals) / n
         out[f"{k}_max"] = max(vals)

@@ -72,8 +72,8 @@ def test_task_defaults_follow_the_paper():
     assert compose_cfg(["task=sr4"]).task.params.scale == 4
     assert compose_cfg(["task=denoise"]).task.sigma_y == 0.1
     auto = compose_cfg([]).solver  # the default: quasi_newton with a device-measured schedule (docs/solvers.md)
-    assert (auto.name, auto.stop_mode, auto.tol, auto.window, auto.history_size, auto.output_tol, auto.knee_factor,
-            auto.max_iter) == ("auto", "noise", 0.02, None, 2, 0.5, 1.5, None)
+    assert (auto.name, auto.stop_mode, auto.tol, auto.window, auto.history_size, auto.output_tol, auto.slot_floor,
+            auto.knee_factor, auto.max_iter) == ("auto", "noise", 0.02, None, 4, 0.5, None, 1.5, None)
     assert compose_cfg([]).sampler.init == "surrogate"
     solver = compose_cfg(["solver=anderson"]).solver  # the official constants, up to 30 rounds (measured, README)
     assert (solver.name, solver.history_size, solver.lam, solver.beta, solver.max_iter, solver.tol, solver.stop_mode,

@@ -348,3 +348,38 @@ def test_error_estimate_trusts_the_slower_of_the_last_two_rates():
     assert st.rounds == 6 and abs(err - 0.5) < 1e-9
     x, st = quasi_newton(f, z0, tol=0.0, output_tol=0.0, error_tol=math.inf, history_size=0, calibration_levels=0)
     assert st.rounds == S and float((x - f.solution()).abs().max()) < 1e-12  # off: Picard's S rounds, exact
+
+
+@pytest.mark.parametrize("S", [25, 100])
+def test_the_slot_floor_shrinks_with_the_chain_so_accepted_errors_do_not_add_up(S):
+    """Each low-noise slot freezes once its change is below the floor, and its accepted error reaches x0 along a
+    near-identity transport, so on a long chain those errors add up (inpainting at T = 100 stopped 42.7 dB from its
+    sequential result, docs/solvers.md "The slot floor"). On a shift chain started e = 0.3 levels off per slot
+    (residual -e everywhere), a floor of 0.5 levels accepts the whole chain in one round with x0 (S - 2) e off; the
+    default floor, 0.5 x sqrt(25 / S) beyond 25 slots, still accepts it at S = 25 but not at S = 100, where the solve
+    runs on to the exact chain."""
+    from deqir.deq.solvers.newton import LEVEL, slot_floor_levels
+
+    assert slot_floor_levels(0.5, S) == (0.5 if S == 25 else 0.25)
+    assert slot_floor_levels(0.5, 10) == 0.5 and slot_floor_levels(0.5, 100, slot_floor=0.1) == 0.1
+    g = torch.Generator().manual_seed(1)
+    f = _ShiftChain(torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64),
+                    0.1 * torch.randn(S, 1, 4, 4, generator=g, dtype=torch.float64))
+    f.slot_noise_std = torch.full((S,), 1e-6)  # tol * sigma far below the floor: the floor decides
+    e = 0.3
+    z0 = f.solution() + e * LEVEL * torch.arange(S, dtype=torch.float64).view(1, S, 1, 1, 1)
+    opts = dict(tol=0.02, error_tol=math.inf, history_size=0, calibration_levels=0)
+
+    def x0_error(x):
+        return float((x[:, -1] - f.solution()[:, -1]).pow(2).mean().sqrt()) / LEVEL
+
+    x, st = quasi_newton(f, z0, slot_floor=0.5, **opts)
+    assert st.rounds == 1 and abs(x0_error(x) - (S - 2) * e) < 1e-6
+    x, st = quasi_newton(f, z0, **opts)
+    if S == 25:
+        assert st.rounds == 1
+    else:
+        assert st.rounds > 1 and x0_error(x) < 1e-9
+    for bad in (-1.0, float("inf"), float("nan"), "1", True):
+        with pytest.raises(ValueError, match="slot_floor"):
+            quasi_newton(f, z0, slot_floor=bad)

@@ -23,7 +23,9 @@ correction (R_j = 0 there), a free fill-ahead in the spirit of ParaSolver's DDIM
 
 Freezing and stopping (ParaDiGMS-style noise-scaled tolerances, Shih et al. 2023). Slot j's change is
 judged against the noise the chain itself holds at that slot, sigma_j = sqrt(1 - a'_j):
-``RMS(D_j) <= max(tol sigma_j, output level)``; a chain without fresh noise (deterministic DDIM, where
+``RMS(D_j) <= max(tol sigma_j, floor)``, the floor ``slot_floor`` 8-bit levels (by default ``output_tol`` shrunk by
+sqrt(25 / S) on chains longer than 25 slots: the low-noise slots it governs carry their accepted errors to x0
+nearly unchanged, and a longer chain has more of them); a chain without fresh noise (deterministic DDIM, where
 nothing washes an accepted error out) uses ``deterministic_tol`` instead of ``tol``. Slot lo is exact after the round (its input was exact), and
 every following slot whose input barely moved is exact too, so the frontier ``lo`` (the converged prefix)
 advances by at least one slot per round and frozen slots are never evaluated again. On a chain without fresh
@@ -36,7 +38,7 @@ consecutive whole-chain rounds (the slower of the last two such rates, q < 0.9),
 d_k q / (1 - q) (docs/solvers.md, "The error estimate"). Work is counted exactly: B x (evaluated slots) per round.
 
 Example:
-    >>> # z, stats = quasi_newton(chain_map, z0, tol=0.02, window=None, history_size=2)  # chain_map: ChainMap
+    >>> # z, stats = quasi_newton(chain_map, z0, tol=0.02, window=None, history_size=4)  # chain_map: ChainMap
 """
 from __future__ import annotations
 
@@ -49,12 +51,29 @@ from deqir.deq.linearize import SpectralGaussianPrior
 from deqir.deq.solvers._common import Callback, check_common, check_state, image_view
 from deqir.deq.solvers.stats import SolverStats, overall_status
 
-__all__ = ["LEVEL", "MAX_RATE", "quasi_newton"]
+__all__ = ["FLOOR_SLOTS", "LEVEL", "MAX_RATE", "quasi_newton", "slot_floor_levels"]
 
 #: One 8-bit level on the chain's [-1, 1] scale.
 LEVEL = 2.0 / 255.0
 #: The error-estimate stop trusts a contraction rate q = d_k / d_{k-1} only below this.
 MAX_RATE = 0.9
+#: The chain length at which the slot tolerance's floor equals ``output_tol`` (where it was tuned, T = 25).
+FLOOR_SLOTS = 25
+
+
+def slot_floor_levels(output_tol: float, num_slots: int, slot_floor: float | None = None) -> float:
+    """The floor of every slot's tolerance, in 8-bit levels RMS: ``slot_floor`` where given, else
+    ``output_tol * sqrt(FLOOR_SLOTS / num_slots)`` on chains longer than FLOOR_SLOTS (``output_tol`` on shorter
+    ones). Frozen low-noise slots each carry up to the floor to x0 along a near-identity transport, so the
+    floor shrinks as the square root of their number (docs/solvers.md, "The slot floor").
+
+    Example:
+        >>> slot_floor_levels(0.5, 100)
+        0.25
+    """
+    if slot_floor is not None:
+        return float(slot_floor)
+    return output_tol * math.sqrt(min(1.0, FLOOR_SLOTS / num_slots))
 
 
 def quasi_newton(
@@ -66,13 +85,14 @@ def quasi_newton(
     deterministic_tol: float = 0.02,
     stop_mode: str = "noise",
     window: int | None = None,
-    history_size: int = 2,
+    history_size: int = 4,
     output_tol: float = 0.5,
     prior_slope: float = 3.0,
     prior_variance: float = 0.5,
     calibration_levels: int = 7,
     carried_tol: float = 0.5,
     error_tol: float = 1.0,
+    slot_floor: float | None = None,
     callback: Callback | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Solve the triangular fixed point z = f(z) by quasi-Newton sweeps, without autograd.
@@ -102,6 +122,8 @@ def quasi_newton(
             whole-chain round and q = max(d_k / d_{k-1}, d_{k-1} / d_{k-2}) < ``MAX_RATE`` (the slower of the last
             two rates where both exist), is below this many 8-bit levels RMS (1 level RMS is 48 dB; ``math.inf``:
             off, 0: never).
+        slot_floor: the floor of every slot's tolerance in 8-bit levels RMS (None: :func:`slot_floor_levels`,
+            ``output_tol`` at up to 25 slots, shrinking as sqrt(25 / S) beyond).
         callback: once per round with {"round", "abs_residual" (B,), "rel_residual" (B,), "nfe", "active",
             "window" (lo, hi), "prefix" (B,), "last_slot" (B, C, H, W)}.
 
@@ -136,6 +158,10 @@ def quasi_newton(
         raise ValueError(f"carried_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {carried_tol!r}")
     if isinstance(error_tol, bool) or not isinstance(error_tol, (int, float)) or not error_tol >= 0:
         raise ValueError(f"error_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {error_tol!r}")
+    if slot_floor is not None and (isinstance(slot_floor, bool) or not isinstance(slot_floor, (int, float))
+                                   or not (slot_floor >= 0 and math.isfinite(slot_floor))):
+        raise ValueError(f"slot_floor must be null (scaled from output_tol) or a finite number >= 0 (8-bit levels RMS), "
+                         f"got {slot_floor!r}")
     estimate = math.isfinite(error_tol) and error_tol > 0
     carry = not getattr(f, "fresh_noise", False) and math.isfinite(carried_tol)
     prior = SpectralGaussianPrior(prior_slope, prior_variance)
@@ -146,7 +172,7 @@ def quasi_newton(
         dev = z0.device
         z = z0.detach().clone()
         sigma = f.slot_noise_std.to(device=dev, dtype=torch.float64)
-        slot_tol = torch.clamp(tol * sigma, min=output_tol * LEVEL)  # (S,) RMS per pixel
+        slot_tol = torch.clamp(tol * sigma, min=slot_floor_levels(output_tol, S, slot_floor) * LEVEL)  # (S,) RMS per pixel
         out_tol = output_tol * LEVEL
         secants = _Secants(history_size)
         prefix = torch.zeros(B, dtype=torch.long, device=dev)
