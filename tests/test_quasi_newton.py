@@ -302,6 +302,8 @@ def test_error_estimate_stops_at_its_tolerance(task):
     for bad in (-1.0, float("nan"), "1", True):
         with pytest.raises(ValueError, match="error_tol"):
             quasi_newton(fmap, z0, error_tol=bad)
+    with pytest.raises(ValueError, match=r"on the command line write solver.error_tol=inf"):
+        quasi_newton(fmap, z0, error_tol=".inf")  # what `solver.error_tol=.inf` passes: the fix is in the message
 
 
 class _ShiftChain:

@@ -57,6 +57,8 @@ __all__ = ["FLOOR_SLOTS", "LEVEL", "MAX_RATE", "quasi_newton", "slot_floor_level
 LEVEL = 2.0 / 255.0
 #: The error-estimate stop trusts a contraction rate q = d_k / d_{k-1} only below this.
 MAX_RATE = 0.9
+#: Added to the error for a string value: Hydra's command line reads ``.inf`` (YAML's spelling) as a string.
+_INF_HINT = " (a string: on the command line write solver.{}=inf, in a YAML file .inf)"
 #: The chain length at which the slot tolerance's floor equals ``output_tol`` (where it was tuned, T = 25).
 FLOOR_SLOTS = 25
 
@@ -155,9 +157,11 @@ def quasi_newton(
     if isinstance(calibration_levels, bool) or not isinstance(calibration_levels, int) or calibration_levels < 0:
         raise ValueError(f"calibration_levels must be an integer >= 0 (0 = the Gaussian prior), got {calibration_levels!r}")
     if isinstance(carried_tol, bool) or not isinstance(carried_tol, (int, float)) or not carried_tol >= 0:
-        raise ValueError(f"carried_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {carried_tol!r}")
+        raise ValueError(f"carried_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {carried_tol!r}"
+                         f"{_INF_HINT.format('carried_tol') if isinstance(carried_tol, str) else ''}")
     if isinstance(error_tol, bool) or not isinstance(error_tol, (int, float)) or not error_tol >= 0:
-        raise ValueError(f"error_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {error_tol!r}")
+        raise ValueError(f"error_tol must be a number >= 0 (8-bit levels RMS; inf = off), got {error_tol!r}"
+                         f"{_INF_HINT.format('error_tol') if isinstance(error_tol, str) else ''}")
     if slot_floor is not None and (isinstance(slot_floor, bool) or not isinstance(slot_floor, (int, float))
                                    or not (slot_floor >= 0 and math.isfinite(slot_floor))):
         raise ValueError(f"slot_floor must be null (scaled from output_tol) or a finite number >= 0 (8-bit levels RMS), "
