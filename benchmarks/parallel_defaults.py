@@ -11,6 +11,7 @@ over the images; the solver's options can be varied with
 
     python benchmarks/parallel_defaults.py --tasks deblur sr_avgpool4 inpaint_random --T 25 100 --limit 6
     python benchmarks/parallel_defaults.py --tasks generate --T 25
+    python benchmarks/parallel_defaults.py --tasks sr4 inpaint_box --T 25 --skip 8 --limit 16   # a second draw
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ def main(argv=None) -> None:
                     help="quasi_newton options (solver.KEY=VALUE), e.g. history_size=4 tol=0.05")
     ap.add_argument("--images", default=str(ROOT / "data" / "eval" / "128"))
     ap.add_argument("--limit", type=int, default=6)
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first SKIP photos; the rest keep the seeds of positions 0, 1, ... (a second "
+                         "draw of photo and noise: --skip 8 --limit 16 runs photos 9-24 on the first 16 photos' noise)")
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--model-dtype", default="model")
     ap.add_argument("--threads", type=int, default=None)
@@ -84,7 +88,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names, images = load_images(Path(args.images), args.limit)
+    if args.skip < 0:
+        raise SystemExit(f"error: --skip must be >= 0, got {args.skip}")
+    names, images = load_images(Path(args.images), args.skip + args.limit)
+    names, images = names[args.skip:], images[args.skip:]
+    if not names:
+        raise SystemExit(f"error: --skip {args.skip} leaves no photos in {args.images}")
     rows = []
     for T in args.T:
         for task in args.tasks:

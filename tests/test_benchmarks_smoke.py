@@ -154,3 +154,22 @@ def test_big_photo_benchmark(tmp_path):
     assert bounded["max_batch"] == 1 and free["max_batch"] is None  # the bound binds; no bound, no micro-batch
     assert bounded["psnr_restored"] == pytest.approx(free["psnr_restored"], abs=1e-6)  # results do not depend on it
     assert bounded["peak_mb"] >= 0 and bounded["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_parallel_defaults_second_draw_skips_photos_and_keeps_the_seeds(tmp_path):
+    """benchmarks/parallel_defaults.py --skip K: photos K+1... on the noise seeds of positions 0, 1, ... (a second
+    draw of photo and noise), so photo p1 run with --skip 1 is photo p1 on the noise p0 had without it."""
+    photos = _photos(tmp_path / "photos")
+    common = ["--tasks", "deblur", "--T", "3", "--images", str(photos), "--batch", "1",
+              "--override", "model=tiny_ddpm", "eval.lpips=null"]
+    first = run_bench("parallel_defaults.py", [*common, "--limit", "2"], tmp_path / "a.json")
+    second = run_bench("parallel_defaults.py", [*common, "--skip", "1", "--limit", "2"], tmp_path / "b.json")
+    assert [p["name"] for p in first["rows"][0]["per_image"]] == ["p0", "p1"]
+    per = second["rows"][0]["per_image"]
+    assert [p["name"] for p in per] == ["p1", "p2"] and second["args"]["skip"] == 1
+    assert all(p["rounds"] >= 1 and p["psnr_seq"] > 0 for p in per)
+    assert per[0]["trace"] != first["rows"][0]["per_image"][1]["trace"]  # p1 on other noise: another solve
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel_defaults.py"), *common, "--skip", "5"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode != 0 and "--skip 5 leaves no photos" in res.stderr
